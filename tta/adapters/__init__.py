@@ -1,0 +1,20 @@
+"""Adapters: base class, typed configs, the registry, and every registered method."""
+
+from tta.adapters.base import Adapter, save_state
+from tta.adapters.config import AdapterConfig, OptimConfig
+from tta.adapters.registry import adapt, adapter_config, get_adapter_class, list_adapters, register_adapter
+
+# Importing a method module registers it.
+from tta.adapters import norm, tent  # noqa: E402,F401
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "OptimConfig",
+    "adapt",
+    "adapter_config",
+    "get_adapter_class",
+    "list_adapters",
+    "register_adapter",
+    "save_state",
+]

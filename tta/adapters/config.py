@@ -1,0 +1,182 @@
+"""Typed adapter configuration: dataclasses with paper defaults, dataset presets and string parsing.
+
+Every adapter has a config dataclass deriving from `AdapterConfig`. Class attribute `PRESETS` maps a
+dataset preset name (``cifar10``, ``cifar100``, ``imagenet``) to the fields it overrides; fields not in
+a preset keep the paper defaults written in the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+from tta.errors import ConfigError
+
+PRESET_NAMES = ("cifar10", "cifar100", "imagenet")
+
+
+@dataclass
+class AdapterConfig:
+    """Options shared by every adapter.
+
+    steps: adaptation steps per batch (the prediction returned is the one from the last step).
+    episodic: reset to the source state before every batch.
+    small_batch: what batch-statistics adapters do with a batch smaller than they can estimate
+        statistics from (one sample): ``"source"`` predicts it with the source normalisation
+        statistics and does not adapt on it (counted in ``adapter.counters["small_batches"]``);
+        ``"raise"`` raises `BatchTooSmallError`.
+    seed: seed of the adapter's own random generators (augmentations, restore masks); None draws
+        the seed from torch's global generator at construction.
+    """
+
+    steps: int = 1
+    episodic: bool = False
+    small_batch: Literal["source", "raise"] = "source"
+    seed: int | None = None
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.small_batch not in ("source", "raise"):
+            raise ConfigError(f"small_batch must be 'source' or 'raise', got {self.small_batch!r}")
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def build(cls, preset: str | None = None, **overrides: Any) -> "AdapterConfig":
+        """Paper defaults, then the preset's overrides, then `overrides` (validated)."""
+        values: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in PRESET_NAMES and preset not in cls.PRESETS:
+                raise ConfigError(
+                    f"unknown preset {preset!r} for {cls.__name__}; valid presets: "
+                    f"{', '.join(sorted(set(PRESET_NAMES) | set(cls.PRESETS)))}"
+                )
+            values.update(cls.PRESETS.get(preset, {}))
+        known = set(cls.field_names())
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
+                f"valid keys: {', '.join(sorted(known))}"
+            )
+        values.update(overrides)
+        hints = typing.get_type_hints(cls)
+        coerced = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def parse_assignments(cls, assignments: list[str]) -> dict[str, Any]:
+        """Parse CLI ``key=value`` strings into typed values (unknown keys raise `ConfigError`)."""
+        hints = typing.get_type_hints(cls)
+        out: dict[str, Any] = {}
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"expected key=value, got {item!r}")
+            key, raw = item.split("=", 1)
+            key = key.strip().replace("-", "_")
+            if key not in hints or key == "PRESETS":
+                raise ConfigError(
+                    f"unknown config key {key!r} for {cls.__name__}; valid keys: "
+                    f"{', '.join(sorted(cls.field_names()))}"
+                )
+            out[key] = _parse_string(key, hints[key], raw.strip())
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        return type(self).build(**{**self.to_dict(), **changes})
+
+
+@dataclass
+class OptimConfig(AdapterConfig):
+    """Optimizer options for gradient-based adapters (Adam/AdamW/SGD)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def _parse_string(key: str, tp: Any, raw: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        non_none = [a for a in args if a is not type(None)]
+        if raw.lower() in ("none", "null") and len(non_none) < len(args):
+            return None
+        return _parse_string(key, non_none[0], raw)
+    if tp is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean, got {raw!r}")
+    if origin is tuple:
+        parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
+        return tuple(_parse_string(key, args[0] if args else str, p.strip()) for p in parts)
+    if origin is Literal:
+        return raw
+    try:
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {raw!r}") from None
+    return raw
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Light type check/coercion of programmatic values (ints for floats, lists for tuples)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} may not be None")
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(key, non_none[0], value)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{key}: expected a tuple, got {value!r}")
+        return tuple(value)
+    return value
+
+
+__all__ = ["AdapterConfig", "OptimConfig", "PRESET_NAMES", "field"]

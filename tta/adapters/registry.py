@@ -1,0 +1,64 @@
+"""Adapter registry: names -> adapter classes, and the factory behind `tta.adapt`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from torch import nn
+
+from tta.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tta.adapters.base import Adapter
+
+_REGISTRY: dict[str, type["Adapter"]] = {}
+A = TypeVar("A", bound=type)
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def register_adapter(name: str) -> Callable[[A], A]:
+    """Class decorator: register an `Adapter` subclass under `name`."""
+
+    def deco(cls: A) -> A:
+        key = _normalise(name)
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"adapter name {key!r} is already registered by {_REGISTRY[key].__name__}")
+        cls.name = key  # type: ignore[attr-defined]
+        _REGISTRY[key] = cls  # type: ignore[assignment]
+        return cls
+
+    return deco
+
+
+def list_adapters() -> list[str]:
+    """Names of every registered adapter."""
+    return sorted(_REGISTRY)
+
+
+def get_adapter_class(name: str) -> type["Adapter"]:
+    key = _normalise(name) if isinstance(name, str) else name
+    try:
+        return _REGISTRY[key]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown adapter {name!r}; valid adapters: {', '.join(list_adapters())}") from None
+
+
+def adapter_config(name: str, preset: str | None = None, **overrides: Any):
+    """The typed config of adapter `name`: paper defaults < preset < overrides."""
+    return get_adapter_class(name).Config.build(preset=preset, **overrides)
+
+
+def adapt(model: nn.Module, name: str, preset: str | None = None, **config: Any) -> "Adapter":
+    """Wrap `model` in adapter `name`; returns the adapted `nn.Module` (predict-and-adapt forward).
+
+    `preset` selects dataset defaults from the papers (``cifar10``, ``cifar100``, ``imagenet``);
+    keyword arguments override single config fields (unknown keys raise `ConfigError`).
+    The model is modified in place (layers swapped, requires_grad set): pass a copy to keep the
+    original untouched.
+    """
+    cls = get_adapter_class(name)
+    cfg = cls.Config.build(preset=preset, **config)
+    return cls(model, cfg)

@@ -1,0 +1,35 @@
+"""Exceptions raised by the runtime. Every error a user can cause derives from `TTAError`."""
+
+from __future__ import annotations
+
+
+class TTAError(Exception):
+    """Base class of every error raised by `tta`."""
+
+
+class InvalidInputError(TTAError, ValueError):
+    """A batch handed to an adapter is malformed (rank, shape, dtype, empty...)."""
+
+
+class NonFiniteInputError(InvalidInputError):
+    """A batch contains NaN or Inf values; the adapter did not adapt on it."""
+
+
+class BatchTooSmallError(InvalidInputError):
+    """A batch-statistics adapter got fewer samples than it needs to estimate statistics."""
+
+
+class ConfigError(TTAError, ValueError):
+    """Unknown adapter name, unknown config key, bad config value or unknown preset."""
+
+
+class NoAdaptableLayerError(TTAError, ValueError):
+    """The model has no layer the adapter can adapt (e.g. no BatchNorm for `bn`)."""
+
+
+class StateMismatchError(TTAError, ValueError):
+    """A saved adapter state does not belong to this adapter/model."""
+
+
+class DataNotFoundError(TTAError, FileNotFoundError):
+    """A dataset, stream spec, model card or checkpoint file is missing or malformed."""
