@@ -215,7 +215,6 @@ class Adapter(nn.Module):
         return {
             "adapter": self.name,
             "signature": self._signature,
-            "config": _plain(self.config.to_dict()),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "counters": dict(self.counters),
             "seed": self._seed,
@@ -316,10 +315,6 @@ def infer_in_channels(model: nn.Module) -> int | None:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     return None
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 __all__ = ["Adapter", "infer_in_channels", "save_state", "calibrated_layers"]
