@@ -3,11 +3,34 @@
     import tta
     adapted = tta.adapt(model, "tent", preset="cifar10")
     logits = adapted(x)          # predicts and adapts on the batch
+
+The adapter API is imported on first use (PEP 562), so torch-free subpackages such as `tta.edge`
+(numpy + onnxruntime only) can be imported on devices without torch.
 """
 
-from tta.adapters import Adapter, adapt, adapter_config, list_adapters
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from tta.errors import TTAError
 
 __version__ = "0.1.0"
 
+_LAZY = {"Adapter": "tta.adapters", "adapt": "tta.adapters", "adapter_config": "tta.adapters",
+         "list_adapters": "tta.adapters"}
+
 __all__ = ["Adapter", "TTAError", "adapt", "adapter_config", "list_adapters", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -5,7 +5,7 @@ from tta.adapters.config import AdapterConfig, OptimConfig
 from tta.adapters.registry import adapt, adapter_config, get_adapter_class, list_adapters, register_adapter
 
 # Importing a method module registers it.
-from tta.adapters import norm, tent  # noqa: E402,F401
+from tta.adapters import adanpc, cotta, norm, tent, vdp, vida  # noqa: E402,F401
 
 __all__ = [
     "Adapter",

@@ -1,0 +1,424 @@
+// CPU kernels of tta::bn_calibrate / tta::bn_calibrate_update.
+//
+// Statistics are a two-level reduction: each cache-sized chunk gets its exact mean and sum of
+// squared deviations (two passes over data already in L1), and chunks are merged with Chan's
+// parallel formula in double, so fp16/bf16 inputs and large N*H*W stay accurate with fp32 loops.
+// NCHW: one task per channel computes the statistics and immediately writes the output of that
+// channel, whose data is then still in cache. channels_last (and (N, C) inputs): per-thread
+// per-channel partials over row blocks, merged, then a row-parallel affine pass.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../ops/common.h"
+#include "simd.h"
+
+namespace tta::cpu {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // floats per chunk: 16 KiB, stays in L1 for the second pass
+
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mb, double m2b) {
+    if (nb == 0) return;
+    const double total = n + nb;
+    const double delta = mb - mean;
+    mean += delta * nb / total;
+    m2 += m2b + delta * delta * n * nb / total;
+    n = total;
+  }
+};
+
+// Per-channel finalisation: batch statistics, mixing, scale/shift, optional running update.
+struct Finalizer {
+  const float* src_mean;
+  const float* src_var;
+  const float* weight;  // nullable, fp32
+  const float* bias;    // nullable, fp32
+  float* running_mean;  // nullable: update variant only (== src_mean)
+  float* running_var;
+  double a, momentum, eps;
+  float* batch_mean;
+  float* batch_var;
+
+  void operator()(int64_t c, const Moments& m, float& scale, float& shift) const {
+    const double bm = m.mean;
+    const double bv = m.n > 0 ? m.m2 / m.n : 0.0;
+    const double mean = a * src_mean[c] + (1.0 - a) * bm;
+    const double var = a * src_var[c] + (1.0 - a) * bv;
+    double s = 1.0 / std::sqrt(var + eps);
+    if (weight) s *= weight[c];
+    scale = static_cast<float>(s);
+    shift = static_cast<float>((bias ? bias[c] : 0.0) - mean * s);
+    batch_mean[c] = static_cast<float>(bm);
+    batch_var[c] = static_cast<float>(bv);
+    if (running_mean) {
+      const double unbiased = m.n > 1 ? m.m2 / (m.n - 1) : bv;
+      running_mean[c] = static_cast<float>((1.0 - momentum) * running_mean[c] + momentum * bm);
+      running_var[c] = static_cast<float>((1.0 - momentum) * running_var[c] + momentum * unbiased);
+    }
+  }
+};
+
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* p, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return p;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+inline void affine_out(const scalar_t* x, scalar_t* y, int64_t n, float scale, float shift, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    simd_affine(x, y, n, scale, shift);
+  } else {
+    const float* xf = as_float(x, n, buf);
+    simd_affine(xf, buf, n, scale, shift);
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(buf[i]);
+  }
+}
+
+// NCHW with S = prod(spatial) > 1: one task per channel.
+template <typename scalar_t>
+void run_nchw(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, const Finalizer& fin) {
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : kChunk);
+    for (int64_t c = c0; c < c1; ++c) {
+      Moments m;
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* row = x + (n * C + c) * S;
+        for (int64_t off = 0; off < S; off += kChunk) {
+          const int64_t len = std::min(kChunk, S - off);
+          const float* p = as_float(row + off, len, buf.data());
+          const float mu = simd_sum(p, len) / static_cast<float>(len);
+          m.merge(static_cast<double>(len), mu, simd_sq_dev(p, len, mu));
+        }
+      }
+      float scale, shift;
+      fin(c, m, scale, shift);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * C + c) * S;
+        for (int64_t off = 0; off < S; off += kChunk) {
+          const int64_t len = std::min(kChunk, S - off);
+          affine_out(x + base + off, y + base + off, len, scale, shift, buf.data());
+        }
+      }
+    }
+  });
+}
+
+// Row-major (R, C): channels_last, or NCHW with one value per channel and sample.
+template <typename scalar_t>
+void run_rows(const scalar_t* x, scalar_t* y, int64_t R, int64_t C, const Finalizer& fin) {
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / C);
+  const int64_t n_chunks = (R + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t parts = std::min<int64_t>(n_chunks, 4 * at::get_num_threads());
+  std::vector<double> part_n(parts, 0.0), part_mean(parts * C, 0.0), part_m2(parts * C, 0.0);
+
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : rows_per_chunk * C);
+    std::vector<float> sum(C), mean(C), m2(C);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t chunk_begin = p * n_chunks / parts, chunk_end = (p + 1) * n_chunks / parts;
+      double* pm = part_mean.data() + p * C;
+      double* pq = part_m2.data() + p * C;
+      for (int64_t ch = chunk_begin; ch < chunk_end; ++ch) {
+        const int64_t r0 = ch * rows_per_chunk;
+        const int64_t rows = std::min(rows_per_chunk, R - r0);
+        const float* xf = as_float(x + r0 * C, rows * C, buf.data());
+        std::fill(sum.begin(), sum.end(), 0.f);
+        std::fill(m2.begin(), m2.end(), 0.f);
+        simd_col_sum(xf, rows, C, sum.data());
+        for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / static_cast<float>(rows);
+        simd_col_sq_dev(xf, rows, C, mean.data(), m2.data());
+        // Chan merge of this chunk into the part's accumulators (vector over channels).
+        const double na = part_n[p], nb = static_cast<double>(rows), total = na + nb;
+        for (int64_t c = 0; c < C; ++c) {
+          const double delta = mean[c] - pm[c];
+          pm[c] += delta * nb / total;
+          pq[c] += m2[c] + delta * delta * na * nb / total;
+        }
+        part_n[p] = total;
+      }
+    }
+  });
+
+  std::vector<float> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    Moments m;
+    for (int64_t p = 0; p < parts; ++p) m.merge(part_n[p], part_mean[p * C + c], part_m2[p * C + c]);
+    fin(c, m, scale[c], shift[c]);
+  }
+
+  at::parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : rows_per_chunk * C);
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
+      const int64_t r0 = ch * rows_per_chunk;
+      const int64_t rows = std::min(rows_per_chunk, R - r0);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        simd_col_affine(x + r0 * C, y + r0 * C, rows, C, scale.data(), shift.data());
+      } else {
+        const float* xf = as_float(x + r0 * C, rows * C, buf.data());
+        simd_col_affine(xf, buf.data(), rows, C, scale.data(), shift.data());
+        scalar_t* out = y + r0 * C;
+        for (int64_t i = 0; i < rows * C; ++i) out[i] = static_cast<scalar_t>(buf[i]);
+      }
+    }
+  });
+}
+
+// Backward: with g = dy, m/s the mixed mean and rsqrt(var + eps), w the weight, n values per
+// channel: grad_bias = sum g, grad_weight = s * sum g (x - m), and
+// dx = w s g + (1 - a) / n * (d_mean + 2 d_var (x - batch_mean)) = A g + B x + K per channel.
+struct BackwardCoef {
+  const float* src_mean;
+  const float* src_var;
+  const float* weight;  // nullable
+  const float* batch_mean;
+  const float* batch_var;
+  double a, eps, n;
+  float* grad_weight;
+  float* grad_bias;
+
+  float mixed_mean(int64_t c) const { return static_cast<float>(a * src_mean[c] + (1.0 - a) * batch_mean[c]); }
+
+  void operator()(int64_t c, double sum_g, double sum_gx, float& A, float& B, float& K) const {
+    const double s = 1.0 / std::sqrt(a * src_var[c] + (1.0 - a) * batch_var[c] + eps);
+    const double w = weight ? weight[c] : 1.0;
+    grad_bias[c] = static_cast<float>(sum_g);
+    grad_weight[c] = static_cast<float>(s * sum_gx);
+    const double d_mean = -s * w * sum_g;
+    const double d_var = -0.5 * s * s * s * w * sum_gx;
+    const double b = 2.0 * (1.0 - a) / n * d_var;
+    A = static_cast<float>(w * s);
+    B = static_cast<float>(b);
+    K = static_cast<float>((1.0 - a) / n * d_mean - b * batch_mean[c]);
+  }
+};
+
+template <typename scalar_t>
+void backward_nchw(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t N, int64_t C, int64_t S,
+                   const BackwardCoef& coef) {
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    const bool f32 = std::is_same_v<scalar_t, float>;
+    std::vector<float> bg(f32 ? 0 : kChunk), bx(f32 ? 0 : kChunk), bo(f32 ? 0 : kChunk);
+    for (int64_t c = c0; c < c1; ++c) {
+      const float center = coef.mixed_mean(c);
+      double sum_g = 0, sum_gx = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * C + c) * S;
+        for (int64_t off = 0; off < S; off += kChunk) {
+          const int64_t len = std::min(kChunk, S - off);
+          const float* g = as_float(gy + base + off, len, bg.data());
+          const float* v = as_float(x + base + off, len, bx.data());
+          sum_g += simd_sum(g, len);
+          sum_gx += simd_dot_centered(g, v, len, center);
+        }
+      }
+      float A, B, K;
+      coef(c, sum_g, sum_gx, A, B, K);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * C + c) * S;
+        for (int64_t off = 0; off < S; off += kChunk) {
+          const int64_t len = std::min(kChunk, S - off);
+          const float* g = as_float(gy + base + off, len, bg.data());
+          const float* v = as_float(x + base + off, len, bx.data());
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            simd_axpbyk(g, v, dx + base + off, len, A, B, K);
+          } else {
+            simd_axpbyk(g, v, bo.data(), len, A, B, K);
+            for (int64_t i = 0; i < len; ++i) dx[base + off + i] = static_cast<scalar_t>(bo[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t R, int64_t C,
+                   const BackwardCoef& coef) {
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / C);
+  const int64_t n_chunks = (R + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t parts = std::min<int64_t>(n_chunks, 4 * at::get_num_threads());
+  std::vector<float> center(C);
+  for (int64_t c = 0; c < C; ++c) center[c] = coef.mixed_mean(c);
+  std::vector<double> part_g(parts * C, 0.0), part_gx(parts * C, 0.0);
+  const bool f32 = std::is_same_v<scalar_t, float>;
+
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> bg(f32 ? 0 : rows_per_chunk * C), bx(f32 ? 0 : rows_per_chunk * C);
+    std::vector<float> sg(C), sgx(C);
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t ch = p * n_chunks / parts; ch < (p + 1) * n_chunks / parts; ++ch) {
+        const int64_t r0 = ch * rows_per_chunk;
+        const int64_t rows = std::min(rows_per_chunk, R - r0);
+        const float* g = as_float(gy + r0 * C, rows * C, bg.data());
+        const float* v = as_float(x + r0 * C, rows * C, bx.data());
+        std::fill(sg.begin(), sg.end(), 0.f);
+        std::fill(sgx.begin(), sgx.end(), 0.f);
+        simd_col_sum(g, rows, C, sg.data());
+        simd_col_dot_centered(g, v, rows, C, center.data(), sgx.data());
+        for (int64_t c = 0; c < C; ++c) {
+          part_g[p * C + c] += sg[c];
+          part_gx[p * C + c] += sgx[c];
+        }
+      }
+    }
+  });
+
+  std::vector<float> A(C), B(C), K(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double sum_g = 0, sum_gx = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      sum_g += part_g[p * C + c];
+      sum_gx += part_gx[p * C + c];
+    }
+    coef(c, sum_g, sum_gx, A[c], B[c], K[c]);
+  }
+
+  at::parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
+    std::vector<float> bg(f32 ? 0 : rows_per_chunk * C), bx(f32 ? 0 : rows_per_chunk * C),
+        bo(f32 ? 0 : rows_per_chunk * C);
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
+      const int64_t r0 = ch * rows_per_chunk;
+      const int64_t rows = std::min(rows_per_chunk, R - r0);
+      const float* g = as_float(gy + r0 * C, rows * C, bg.data());
+      const float* v = as_float(x + r0 * C, rows * C, bx.data());
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        simd_col_axpbyk(g, v, dx + r0 * C, rows, C, A.data(), B.data(), K.data());
+      } else {
+        simd_col_axpbyk(g, v, bo.data(), rows, C, A.data(), B.data(), K.data());
+        for (int64_t i = 0; i < rows * C; ++i) dx[r0 * C + i] = static_cast<scalar_t>(bo[i]);
+      }
+    }
+  });
+}
+
+at::Tensor as_float_param(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return at::Tensor();
+  return t->to(at::kFloat).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in, const at::Tensor& src_mean,
+                                                          const at::Tensor& src_var,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias, double a,
+                                                          double momentum, double eps, bool update) {
+  check_bn_args(x_in, src_mean, src_var, weight, bias);
+  TORCH_CHECK(x_in.numel() > 0, "bn_calibrate: empty input");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const int64_t S = x_in.numel() / (N * C);
+  const auto cl_format = x_in.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  const bool channels_last = x_in.dim() >= 4 && x_in.dim() <= 5 && !x_in.is_contiguous() &&
+                             x_in.is_contiguous(cl_format);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty_like(x);  // dense input: same strides (NCHW or channels_last)
+  at::Tensor batch_mean = at::empty({C}, x.options().dtype(at::kFloat));
+  at::Tensor batch_var = at::empty({C}, x.options().dtype(at::kFloat));
+
+  if (update) {
+    TORCH_CHECK(src_mean.is_contiguous() && src_var.is_contiguous(),
+                "bn_calibrate_update: running statistics must be contiguous");
+  }
+  const at::Tensor mean_c = src_mean.contiguous(), var_c = src_var.contiguous();
+  const at::Tensor w = as_float_param(weight), b = as_float_param(bias);
+  Finalizer fin{mean_c.data_ptr<float>(),
+                var_c.data_ptr<float>(),
+                w.defined() ? w.data_ptr<float>() : nullptr,
+                b.defined() ? b.data_ptr<float>() : nullptr,
+                update ? mean_c.data_ptr<float>() : nullptr,
+                update ? var_c.data_ptr<float>() : nullptr,
+                a,
+                momentum,
+                eps,
+                batch_mean.data_ptr<float>(),
+                batch_var.data_ptr<float>()};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_calibrate_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (channels_last || S == 1) {
+      run_rows<scalar_t>(xp, yp, N * S, C, fin);
+    } else {
+      run_nchw<scalar_t>(xp, yp, N, C, S, fin);
+    }
+  });
+  return {y, batch_mean, batch_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_cpu(const at::Tensor& x, const at::Tensor& src_mean,
+                                                                const at::Tensor& src_var,
+                                                                const std::optional<at::Tensor>& weight,
+                                                                const std::optional<at::Tensor>& bias,
+                                                                double source_weight, double eps) {
+  return bn_forward(x, src_mean, src_var, weight, bias, source_weight, 0.0, eps, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_update_cpu(
+    const at::Tensor& x, at::Tensor& running_mean, at::Tensor& running_var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double source_weight, double momentum, double eps) {
+  return bn_forward(x, running_mean, running_var, weight, bias, source_weight, momentum, eps, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& src_mean, const at::Tensor& src_var,
+    const std::optional<at::Tensor>& weight, const at::Tensor& batch_mean, const at::Tensor& batch_var,
+    double source_weight, double eps) {
+  check_bn_args(x_in, src_mean, src_var, weight, std::nullopt);
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "bn_calibrate_backward: grad_y and x shapes differ");
+  TORCH_CHECK(batch_mean.scalar_type() == at::kFloat && batch_var.scalar_type() == at::kFloat &&
+                  batch_mean.numel() == x_in.size(1) && batch_var.numel() == x_in.size(1),
+              "bn_calibrate_backward: batch statistics must be fp32 (C,)");
+  TORCH_CHECK(x_in.numel() > 0, "bn_calibrate_backward: empty input");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const int64_t S = x_in.numel() / (N * C);
+  const auto cl_format = x_in.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  const bool channels_last = x_in.dim() >= 4 && x_in.dim() <= 5 && !x_in.is_contiguous() &&
+                             x_in.is_contiguous(cl_format);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(channels_last ? cl_format : at::MemoryFormat::Contiguous);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor grad_weight = at::empty({C}, x.options().dtype(at::kFloat));
+  at::Tensor grad_bias = at::empty({C}, x.options().dtype(at::kFloat));
+  const at::Tensor sm = src_mean.contiguous(), sv = src_var.contiguous();
+  const at::Tensor bm = batch_mean.contiguous(), bv = batch_var.contiguous();
+  const at::Tensor w = as_float_param(weight);
+  BackwardCoef coef{sm.const_data_ptr<float>(), sv.const_data_ptr<float>(),
+                    w.defined() ? w.const_data_ptr<float>() : nullptr, bm.const_data_ptr<float>(),
+                    bv.const_data_ptr<float>(), source_weight, eps, static_cast<double>(N * S),
+                    grad_weight.mutable_data_ptr<float>(), grad_bias.mutable_data_ptr<float>()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_calibrate_backward_cpu", [&] {
+    if (channels_last || S == 1) {
+      backward_rows<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              dx.mutable_data_ptr<scalar_t>(), N * S, C, coef);
+    } else {
+      backward_nchw<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              dx.mutable_data_ptr<scalar_t>(), N, C, S, coef);
+    }
+  });
+  return {dx, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tta, CPU, m) {
+  m.impl("bn_calibrate", &bn_calibrate_cpu);
+  m.impl("bn_calibrate_update", &bn_calibrate_update_cpu);
+  m.impl("bn_calibrate_backward", &bn_calibrate_backward_cpu);
+}
+
+}  // namespace tta::cpu

@@ -1,0 +1,214 @@
+"""AdaNPC: kNN vote over a bounded feature memory, reset, state, composition with BN adapters."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tta
+from tta.adapters.adanpc import (
+    AdaNPC,
+    KnnMemory,
+    build_source_memory,
+    load_memory,
+    save_memory,
+)
+from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
+from tta.ops import reference
+
+
+def small_cnn(num_classes: int = 4) -> nn.Module:
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    )
+    return net.eval()
+
+
+def source_memory(model, n=64, num_classes=4):
+    x = torch.rand(n, 3, 8, 8)
+    y = torch.arange(n) % num_classes
+    return build_source_memory(model, x, y, batch_size=16)
+
+
+def make(model=None, **cfg) -> AdaNPC:
+    model = model or small_cnn()
+    feats, labels = source_memory(model)
+    adapter = tta.adapt(model, "adanpc", **cfg)
+    adapter.set_source_memory(feats, labels, 4)
+    return adapter
+
+
+def test_prediction_is_the_knn_vote_of_the_source_memory():
+    adapter = make(k=5, temperature=0.2)
+    x = torch.rand(6, 3, 8, 8)
+    feats_mem, labels_mem = adapter.memory.rows()
+    feats_mem, labels_mem = feats_mem.clone(), labels_mem.clone()
+    probs = adapter(x)
+    with torch.no_grad():
+        f = F.normalize(adapter.model[:5](x), dim=1)
+    want = reference.knn_vote(f, feats_mem, labels_mem, 4, 5, 0.2, "ip")[0]
+    torch.testing.assert_close(probs, want, rtol=1e-4, atol=1e-5)
+    assert adapter.output_kind == "probs"
+    torch.testing.assert_close(probs.sum(1), torch.ones(6))
+
+
+def test_confident_features_are_appended_and_reset_truncates():
+    adapter = make(beta=0.0)
+    n_source = adapter.memory.num_source
+    probs = adapter(torch.rand(5, 3, 8, 8))
+    assert adapter.memory.size == n_source + 5
+    _, labels = adapter.memory.rows()
+    assert torch.equal(labels[n_source:], probs.argmax(1))
+    adapter(torch.rand(3, 3, 8, 8))
+    assert adapter.memory.num_test == 8
+    adapter.reset()
+    assert adapter.memory.size == n_source and adapter.memory.num_test == 0
+
+
+def test_beta_filters_unconfident_features():
+    adapter = make(beta=1.01)  # nothing can be that confident
+    adapter(torch.rand(5, 3, 8, 8))
+    assert adapter.memory.num_test == 0
+
+
+@pytest.mark.parametrize("class_balanced", [False, True])
+def test_memory_stays_within_capacity_over_a_long_stream(class_balanced):
+    adapter = make(capacity=100, beta=0.0, class_balanced=class_balanced, storage_dtype="float16")
+    n_source = adapter.memory.num_source
+    source_rows = adapter.memory.rows()[0][:n_source].clone()
+    for step in range(40):  # 40 batches of 7 = 280 test features through 36 free rows
+        adapter(torch.rand(7, 3, 8, 8) + step % 3)
+        assert adapter.memory.size <= 100
+    mem = adapter.memory
+    assert mem.size == 100 and mem.num_test == 36
+    assert torch.equal(mem.rows()[0][:n_source], source_rows), "source part must stay pinned"
+    assert mem.features.dtype == torch.float16
+    stamps = mem.stamps[n_source : mem.size]
+    assert stamps.unique().numel() == 36
+    if not class_balanced:  # FIFO: exactly the 36 most recent entries
+        assert sorted(stamps.tolist()) == list(range(280 - 36, 280))
+
+
+def test_fifo_and_class_balanced_eviction_rules():
+    feats = F.normalize(torch.randn(2, 4), dim=1)
+    mem = KnnMemory(feats, torch.tensor([0, 1]), num_classes=3, capacity=8)
+    new = F.normalize(torch.randn(6, 4), dim=1)
+    mem.add(new, torch.tensor([0, 0, 0, 0, 1, 2]))
+    mem.add(new[:2], torch.tensor([2, 2]))  # FIFO drops the two oldest (stamps 0, 1)
+    assert sorted(mem.stamps[2:8].tolist()) == [2, 3, 4, 5, 6, 7]
+
+    bal = KnnMemory(feats, torch.tensor([0, 1]), num_classes=3, capacity=8, class_balanced=True)
+    bal.add(new, torch.tensor([0, 0, 0, 0, 1, 2]))
+    bal.add(new[:2], torch.tensor([2, 1]))  # class 0 has most test entries: its two oldest go
+    labels, stamps = bal.labels[2:8], bal.stamps[2:8]
+    assert sorted(stamps[labels == 0].tolist()) == [2, 3]
+    assert torch.bincount(labels, minlength=3).tolist() == [2, 2, 2]
+
+
+def test_unbounded_memory_grows_like_the_reference():
+    adapter = make(beta=0.0)
+    for _ in range(30):
+        adapter(torch.rand(50, 3, 8, 8))
+    assert adapter.memory.num_test == 1500
+
+
+def test_state_dict_round_trip_covers_the_memory(tmp_path):
+    adapter = make(beta=0.0, capacity=90)
+    adapter(torch.rand(9, 3, 8, 8))
+    path = adapter.save(tmp_path / "state.pt")
+    other = make(beta=0.0, capacity=90)
+    other.load(path)
+    assert other.memory.size == adapter.memory.size
+    assert torch.equal(other.memory.rows()[0], adapter.memory.rows()[0])
+    x = torch.rand(4, 3, 8, 8)
+    torch.testing.assert_close(other(x), adapter(x))
+    fork = adapter.fork()
+    fork(torch.rand(3, 3, 8, 8))
+    assert fork.memory.size != adapter.memory.size or fork.memory.next_stamp != adapter.memory.next_stamp
+
+
+def test_memory_file_round_trip_and_validation(tmp_path):
+    model = small_cnn()
+    feats, labels = source_memory(model)
+    path = save_memory(tmp_path / "m.memory.safetensors", feats, labels, 4, {"card": "test"})
+    f2, l2, c, meta = load_memory(path)
+    assert c == 4 and meta["card"] == "test" and torch.equal(l2, labels)
+    torch.testing.assert_close(f2.norm(dim=1), torch.ones(len(f2)))
+    adapter = tta.adapt(model, "adanpc", memory=str(path))
+    assert adapter.memory.num_source == 64
+    with pytest.raises(DataNotFoundError):
+        load_memory(tmp_path / "missing.memory.safetensors")
+    (tmp_path / "bad.memory.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataNotFoundError):
+        load_memory(tmp_path / "bad.memory.safetensors")
+    with pytest.raises(InvalidInputError, match="labels"):
+        save_memory(tmp_path / "x.safetensors", feats, labels + 4, 4)
+
+
+def test_clear_errors():
+    adapter = tta.adapt(small_cnn(), "adanpc")
+    with pytest.raises(ConfigError, match="no source memory"):
+        adapter(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ConfigError, match="capacity"):
+        make(capacity=10)  # smaller than the 64 source rows
+    with pytest.raises(ConfigError):
+        tta.adapt(small_cnn(), "adanpc", k=0)
+    adapter = make()
+    adapter.set_source_memory(torch.randn(10, 5), torch.zeros(10, dtype=torch.long), 4)
+    with pytest.raises(InvalidInputError, match="dims"):
+        adapter(torch.rand(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("norm", ["bn", "alpha-bn"])
+def test_composes_with_normalisation_adapters(norm):
+    model = small_cnn()
+    adapter = make(model, norm=norm, source_weight=0.5, beta=0.0)
+    x = torch.rand(6, 3, 8, 8) * 2
+    probs = adapter(x)
+    # the features come from the recalibrated network
+    calibrated = tta.adapt(small_cnn(), norm, **({"source_weight": 0.5} if norm == "alpha-bn" else {}))
+    with torch.no_grad():
+        f = F.normalize(calibrated.model[:5](x), dim=1)
+    assert torch.allclose(F.normalize(adapter.memory.rows()[0][-6:].float(), dim=1), f, atol=1e-5)
+    assert probs.shape == (6, 4)
+    # one-image batches fall back to source statistics and do not touch the memory
+    size = adapter.memory.size
+    adapter(torch.rand(1, 3, 8, 8))
+    assert adapter.memory.size == size and adapter.counters["small_batches"] == 1
+
+
+def test_works_on_timm_models_via_pooled_features():
+    model = timm.create_model("resnet10t", num_classes=4, pretrained=False).eval()
+    feats, labels = build_source_memory(model, torch.rand(8, 3, 32, 32), torch.arange(8) % 4)
+    assert feats.shape == (8, model.num_features)
+    adapter = tta.adapt(model, "adanpc", k=3)
+    adapter.set_source_memory(feats, labels, 4)
+    assert adapter(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+
+
+@pytest.mark.data
+def test_build_memory_command_writes_the_memory_beside_the_card(tmp_path, monkeypatch):
+    """`tta build-memory` end to end on a card with random weights (the pipeline, not accuracy)."""
+    from pathlib import Path
+
+    from tta.cli import main
+    from tta.models import ModelCard, build_model, save_state_dict
+
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed")
+    monkeypatch.setenv("TTA_MODELS_DIR", str(tmp_path))
+    save_state_dict(build_model("resnet20", num_classes=10).state_dict(), tmp_path / "tiny.safetensors")
+    ModelCard(name="tiny", arch="resnet20", num_classes=10, checkpoint="tiny.safetensors",
+              dataset="fashion-mnist").save(tmp_path / "tiny.yaml")
+    assert main(["build-memory", "--model", "tiny", "--limit", "96", "--dtype", "float16", "--batch-size", "48"]) == 0
+    feats, labels, num_classes, meta = load_memory(tmp_path / "tiny.memory.safetensors")
+    assert feats.shape == (96, 64) and feats.dtype == torch.float16 and num_classes == 10
+    assert meta["card"] == "tiny" and meta["rows"] == "96"
+    adapter = tta.adapt(tta.models.load("tiny"), "adanpc", memory="tiny", k=10)
+    assert adapter.memory.num_source == 96
+    assert adapter(torch.rand(4, 3, 32, 32)).shape == (4, 10)

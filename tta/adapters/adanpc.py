@@ -1,0 +1,442 @@
+"""AdaNPC (Zhang et al., ICML 2023, "AdaNPC: Exploring Non-Parametric Classifier for Test-Time
+Adaptation"): a kNN classifier over a memory of L2-normalised penultimate features.
+
+Per batch: features f of the (frozen) model, cosine top-k over the memory, class scores =
+sum of softmax(similarity / tau)-weighted one-hot labels (the fused `tta.ops.knn_vote`); the
+scores are the prediction (probabilities: ``output_kind = "probs"``). Features whose confidence
+(max score) is >= beta are appended with their pseudo-label. Defaults k=100, tau=0.1, beta=0.1.
+
+Memory: initialised with source features and their true labels (`build_source_memory`, the
+``tta build-memory --model CARD`` command writes ``models/<card>.memory.safetensors``); the source
+part is pinned, `reset()` truncates back to it. Beyond the reference (which grows without bound):
+``capacity`` bounds the total rows, evicting test entries first-in-first-out or, with
+``class_balanced``, the oldest entries of the class holding most test entries; ``storage_dtype``
+"float16" halves the memory (similarities are still accumulated in fp32).
+
+Reference quirk (off by default): the reference computes the confidence as a softmax over the
+already-normalised scores, which caps it near 0.23 for 10 classes; ``softmax_confidence=True``
+reproduces it. Note that with beta=0.1 and 10 classes every feature passes (max score >= 1/C).
+
+Composition with a normalisation adapter: ``norm`` chooses how the feature extractor normalises
+its BatchNorm layers: ``"source"`` (frozen source model, the paper), ``"bn"`` (test-batch
+statistics) or ``"alpha-bn"`` (mix with ``source_weight`` on the source statistics). The source
+memory is always built with source statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tta import ops
+from tta.adapters.base import Adapter
+from tta.adapters.config import AdapterConfig
+from tta.adapters.registry import register_adapter
+from tta.errors import ConfigError, DataNotFoundError, InvalidInputError, NoAdaptableLayerError
+from tta.layers import has_batchnorm, replace_batchnorms, source_statistics
+
+MEMORY_FORMAT = "tta-adanpc-memory/1"
+MEMORY_SUFFIX = ".memory.safetensors"
+
+
+@dataclass
+class AdaNPCConfig(AdapterConfig):
+    """k, temperature (tau), beta: the paper's defaults 100, 0.1, 0.1.
+
+    memory: path of a memory file (``tta build-memory``) or a model card name whose
+        ``models/<card>.memory.safetensors`` is used; None: call `set_source_memory` before use.
+    capacity: total rows (source + test) kept; None grows without bound (the reference).
+    class_balanced: evict from the class with most test entries (oldest first) instead of FIFO.
+    storage_dtype: "float32" or "float16" rows.
+    norm / source_weight: normalisation of the feature extractor ("source", "bn", "alpha-bn").
+    feature_layer: classifier module whose input is the feature (None: timm/built-in pre-logits,
+        else the input of the last nn.Linear).
+    softmax_confidence: reproduce the reference's softmax-of-scores confidence.
+    """
+
+    k: int = 100
+    temperature: float = 0.1
+    beta: float = 0.1
+    memory: str | None = None
+    capacity: int | None = None
+    class_balanced: bool = False
+    storage_dtype: Literal["float32", "float16"] = "float32"
+    norm: Literal["source", "bn", "alpha-bn"] = "source"
+    source_weight: float = 0.9
+    feature_layer: str | None = None
+    softmax_confidence: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.k <= ops.KNN_MAX_K:
+            raise ConfigError(f"k must be in [1, {ops.KNN_MAX_K}], got {self.k}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.capacity is not None and self.capacity < 1:
+            raise ConfigError(f"capacity must be >= 1 or None, got {self.capacity}")
+        if self.storage_dtype not in ("float32", "float16"):
+            raise ConfigError(f"storage_dtype must be 'float32' or 'float16', got {self.storage_dtype!r}")
+        if self.norm not in ("source", "bn", "alpha-bn"):
+            raise ConfigError(f"norm must be 'source', 'bn' or 'alpha-bn', got {self.norm!r}")
+        if not 0.0 <= self.source_weight <= 1.0:
+            raise ConfigError(f"source_weight must be in [0, 1], got {self.source_weight}")
+
+
+class KnnMemory:
+    """Rows of (L2-normalised feature, label): a pinned source part, then the test part.
+
+    Rows live in one preallocated tensor ([source | test], the test part contiguous after the
+    source part), so the kNN op reads ``features[:size]`` without copying. ``stamps`` orders the
+    test entries by insertion for FIFO eviction.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        capacity: int | None = None,
+        class_balanced: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        validate_memory(features, labels, num_classes)
+        n = features.shape[0]
+        if capacity is not None and capacity <= n:
+            raise ConfigError(
+                f"AdaNPC capacity {capacity} leaves no room for test entries beside {n} source rows; "
+                f"use capacity > {n} (or a smaller source memory: tta build-memory --limit)"
+            )
+        self.num_classes = int(num_classes)
+        self.capacity = capacity
+        self.class_balanced = class_balanced
+        self.num_source = n
+        rows = capacity if capacity is not None else max(2 * n, 1024)
+        self.features = features.new_zeros((rows, features.shape[1]), dtype=dtype)
+        self.features[:n] = F.normalize(features.float(), dim=1).to(dtype)
+        self.labels = labels.new_full((rows,), -1)
+        self.labels[:n] = labels
+        self.stamps = torch.full((rows,), -1, dtype=torch.int64, device=labels.device)
+        self.size = n
+        self.next_stamp = 0
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def num_test(self) -> int:
+        return self.size - self.num_source
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (size, D), labels (size,)) views of the occupied rows."""
+        return self.features[: self.size], self.labels[: self.size]
+
+    def to(self, device: torch.device) -> "KnnMemory":
+        self.features = self.features.to(device)
+        self.labels = self.labels.to(device)
+        self.stamps = self.stamps.to(device)
+        return self
+
+    def truncate(self) -> None:
+        """Drop every test entry (the source part stays)."""
+        self.size = self.num_source
+        self.next_stamp = 0
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append L2-normalised `features` with `labels`, evicting test entries when full."""
+        n = features.shape[0]
+        if n == 0:
+            return
+        stamps = torch.arange(self.next_stamp, self.next_stamp + n, device=labels.device)
+        self.next_stamp += n
+        if self.capacity is None:
+            self._grow(self.size + n)
+        room = self.features.shape[0] - self.size
+        if n <= room:
+            self._write(torch.arange(self.size, self.size + n, device=labels.device), features, labels, stamps)
+            self.size += n
+            return
+        self._evict_and_write(features, labels, stamps)
+
+    def _write(self, slots: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, stamps: torch.Tensor) -> None:
+        self.features[slots] = features.to(self.features.dtype)
+        self.labels[slots] = labels
+        self.stamps[slots] = stamps
+
+    def _grow(self, rows: int) -> None:
+        if rows <= self.features.shape[0]:
+            return
+        new_rows = max(rows, 2 * self.features.shape[0])
+        grow = new_rows - self.features.shape[0]
+        self.features = torch.cat([self.features, self.features.new_zeros((grow, self.dim))])
+        self.labels = torch.cat([self.labels, self.labels.new_full((grow,), -1)])
+        self.stamps = torch.cat([self.stamps, self.stamps.new_full((grow,), -1)])
+
+    def _evict_and_write(self, features: torch.Tensor, labels: torch.Tensor, stamps: torch.Tensor) -> None:
+        """Full memory: choose which test entries (old and new) survive, write the new ones."""
+        s, test_cap = self.num_source, self.features.shape[0] - self.num_source
+        old = self.size - s
+        pool_labels = torch.cat([self.labels[s : self.size], labels])
+        pool_stamps = torch.cat([self.stamps[s : self.size], stamps])
+        if self.class_balanced:
+            keep = _class_balanced_keep(pool_labels, pool_stamps, test_cap, self.num_classes)
+        else:
+            keep = torch.zeros_like(pool_labels, dtype=torch.bool)
+            keep[pool_stamps.topk(test_cap).indices] = True  # the newest test_cap entries
+        keep_old, keep_new = keep[:old], keep[old:]
+        # slots: the evicted old entries, then the free rows after the occupied part
+        free = torch.cat([
+            (~keep_old).nonzero().squeeze(1) + s,
+            torch.arange(self.size, s + test_cap, device=labels.device),
+        ])
+        n_new = int(keep_new.sum())
+        self._write(free[:n_new], features[keep_new], labels[keep_new], stamps[keep_new])
+        self.size = s + test_cap
+        # Evicted slots not refilled would be holes: only possible if fewer new entries survive than
+        # old ones were evicted, which the keep rules exclude (they always keep test_cap entries).
+        assert int(keep_old.sum()) + n_new == test_cap
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "features": self.features[: self.size].clone(),
+            "labels": self.labels[: self.size].clone(),
+            "stamps": self.stamps[: self.size].clone(),
+            "num_source": self.num_source,
+            "next_stamp": self.next_stamp,
+            "num_classes": self.num_classes,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        feats, labels, stamps = state["features"], state["labels"], state["stamps"]
+        size, num_source = feats.shape[0], int(state["num_source"])
+        if feats.dim() != 2 or feats.shape[1] != self.dim or labels.shape != (size,) or stamps.shape != (size,):
+            raise InvalidInputError(f"AdaNPC memory state has shapes {tuple(feats.shape)}/{tuple(labels.shape)}; "
+                                    f"expected (n, {self.dim}) rows with n labels")
+        if self.capacity is not None and size > self.capacity:
+            raise InvalidInputError(f"AdaNPC memory state holds {size} rows, over the capacity {self.capacity}")
+        rows = self.capacity if self.capacity is not None else max(2 * size, 1024)
+        device = self.features.device
+        self.features = self.features.new_zeros((rows, self.dim))
+        self.features[:size] = feats.to(device, self.features.dtype)
+        self.labels = torch.full((rows,), -1, dtype=torch.int64, device=device)
+        self.labels[:size] = labels.to(device)
+        self.stamps = torch.full((rows,), -1, dtype=torch.int64, device=device)
+        self.stamps[:size] = stamps.to(device)
+        self.size, self.num_source = size, num_source
+        self.next_stamp = int(state["next_stamp"])
+
+
+def _class_balanced_keep(labels: torch.Tensor, stamps: torch.Tensor, budget: int, num_classes: int) -> torch.Tensor:
+    """Keep `budget` entries: classes are cut from the largest down (water-filling), each class
+    keeping its newest entries. Equivalent to evicting, one at a time, the oldest entry of the
+    currently largest class."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    lo, hi = 0, int(counts.max())
+    while lo < hi:  # largest level L with sum(min(count, L)) <= budget (log2(max count) steps)
+        mid = (lo + hi + 1) // 2
+        if int(counts.clamp(max=mid).sum()) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    quota = counts.clamp(max=lo)
+    extra = budget - int(quota.sum())
+    if extra > 0:  # the remainder: one more row for the largest classes still above the level
+        above = (counts > quota).nonzero().squeeze(1)
+        order = counts[above].argsort(descending=True, stable=True)
+        quota[above[order[:extra]]] += 1
+    # rank of each entry inside its class, newest first
+    order = torch.argsort(stamps, descending=True)
+    lab_sorted = labels[order]
+    by_class = torch.argsort(lab_sorted, stable=True)
+    ranked = order[by_class]
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(labels.numel(), device=labels.device) - first[labels[ranked]]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[ranked] = rank < quota[labels[ranked]]
+    return keep
+
+
+def validate_memory(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    if features.dim() != 2 or not features.is_floating_point():
+        raise InvalidInputError(f"AdaNPC memory features must be a float (N, D) tensor, got {features.dtype} "
+                                f"{tuple(features.shape)}")
+    if labels.shape != (features.shape[0],) or labels.dtype != torch.int64:
+        raise InvalidInputError(f"AdaNPC memory labels must be int64 of shape ({features.shape[0]},), got "
+                                f"{labels.dtype} {tuple(labels.shape)}")
+    if features.shape[0] == 0:
+        raise InvalidInputError("AdaNPC memory is empty: the source part needs at least one row")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise InvalidInputError(f"AdaNPC memory labels must lie in [0, {num_classes})")
+    if not bool(torch.isfinite(features).all()):
+        raise InvalidInputError("AdaNPC memory features contain NaN/Inf")
+
+
+# ---------------------------------------------------------------------- memory files
+def memory_path_for_card(card: str) -> Path:
+    """``models/<card>.memory.safetensors`` beside the card (via `tta.models.get_card`)."""
+    from tta.models import get_card
+
+    mc = get_card(card)
+    folder = mc.path.parent if mc.path is not None else Path(".")
+    return folder / f"{mc.name}{MEMORY_SUFFIX}"
+
+
+def save_memory(path: str | os.PathLike[str], features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write a source memory (normalised rows, labels) as safetensors with its metadata."""
+    from safetensors.torch import save_file
+
+    validate_memory(features, labels, num_classes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": MEMORY_FORMAT, "num_classes": str(num_classes), "feature_dim": str(features.shape[1]),
+            "normalized": "l2", **(metadata or {})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"features": F.normalize(features.float(), dim=1).to(features.dtype).contiguous(),
+               "labels": labels.contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_memory(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, str]]:
+    """(features, labels, num_classes, metadata) of a memory file, validated."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"no AdaNPC memory file at {path}; build one with `tta build-memory --model CARD`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            features, labels = f.get_tensor("features"), f.get_tensor("labels")
+    except Exception as exc:  # not safetensors, truncated, missing keys
+        raise DataNotFoundError(f"{path} is not a readable AdaNPC memory file: {exc}") from exc
+    if meta.get("format") != MEMORY_FORMAT:
+        raise DataNotFoundError(f"{path}: not an AdaNPC memory file (format {meta.get('format')!r})")
+    num_classes = int(meta["num_classes"])
+    validate_memory(features, labels, num_classes)
+    return features, labels, num_classes, meta
+
+
+@torch.no_grad()
+def build_source_memory(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+                        feature_layer: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised pooled features of source images (uint8 or [0, 1] float NCHW) + their labels.
+
+    The model runs in eval mode (source BatchNorm statistics).
+    """
+    from tta.models.features import extract_features
+
+    model.eval()
+    feats = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(device)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        feats.append(F.normalize(extract_features(model, x, feature_layer).float(), dim=1).to(dtype).cpu())
+    return torch.cat(feats), labels.to(torch.int64).cpu()
+
+
+# ---------------------------------------------------------------------- the adapter
+@register_adapter("adanpc")
+class AdaNPC(Adapter):
+    """AdaNPC: kNN vote over a source+test feature memory; returns probabilities (see module doc)."""
+
+    Config = AdaNPCConfig
+    output_kind = "probs"
+
+    def __init__(self, model: nn.Module, config: AdaNPCConfig | None = None) -> None:
+        cfg = config if config is not None else AdaNPCConfig()
+        self.uses_batch_stats = cfg.norm != "source"  # instance-level: depends on the config
+        self.memory: KnnMemory | None = None
+        super().__init__(model, cfg)
+        if cfg.memory is not None:
+            path = Path(cfg.memory)
+            if not path.is_file() and not path.name.endswith(".safetensors"):  # a model card name
+                path = memory_path_for_card(cfg.memory)
+            features, labels, num_classes, _ = load_memory(path)
+            self.set_source_memory(features, labels, num_classes)
+
+    def configure_model(self) -> None:
+        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        self.model.eval()
+        self.model.requires_grad_(False)
+        if cfg.norm != "source":
+            if not has_batchnorm(self.model):
+                raise NoAdaptableLayerError(f"adanpc: norm={cfg.norm!r} needs BatchNorm layers in the model")
+            replace_batchnorms(self.model, cfg.source_weight if cfg.norm == "alpha-bn" else 0.0)
+
+    def set_source_memory(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        """Install the source part of the memory (rows are L2-normalised here); drops test entries."""
+        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        dtype = torch.float16 if cfg.storage_dtype == "float16" else torch.float32
+        self.memory = KnnMemory(features.to(self.device), labels.to(self.device), num_classes, cfg.capacity,
+                                cfg.class_balanced, dtype)
+
+    def _require_memory(self) -> KnnMemory:
+        if self.memory is None:
+            raise ConfigError(
+                "adanpc has no source memory: pass memory=PATH_OR_CARD (build it with `tta build-memory "
+                "--model CARD`) or call adapter.set_source_memory(features, labels, num_classes)"
+            )
+        if self.memory.features.device != self.device:
+            self.memory.to(self.device)
+        return self.memory
+
+    def _vote(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from tta.models.features import extract_features
+
+        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        memory = self._require_memory()
+        feats = F.normalize(extract_features(self.model, x, cfg.feature_layer).float(), dim=1)
+        if feats.shape[1] != memory.dim:
+            raise InvalidInputError(
+                f"adanpc: the model's features have {feats.shape[1]} dims but the memory rows have {memory.dim}; "
+                "rebuild the memory for this model"
+            )
+        rows, labels = memory.rows()
+        probs = ops.knn_vote(feats, rows, labels, memory.num_classes, cfg.k, cfg.temperature, metric="ip")
+        return feats, probs
+
+    @torch.no_grad()
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        feats, probs = self._vote(x)
+        confidence, pseudo = probs.max(dim=1)
+        if cfg.softmax_confidence:
+            confidence = probs.softmax(dim=1).max(dim=1).values
+        keep = confidence >= cfg.beta
+        self._require_memory().add(feats[keep], pseudo[keep])
+        return probs
+
+    @torch.no_grad()
+    def predict_without_adapting(self, x: torch.Tensor) -> torch.Tensor:
+        with source_statistics(self.model):
+            return self._vote(x)[1]
+
+    def reset(self) -> None:
+        super().reset()
+        if self.memory is not None:
+            self.memory.truncate()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        state = super().get_extra_state()
+        state["memory"] = self.memory.state() if self.memory is not None else None
+        return state
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        mem = state.get("memory")
+        if mem is None:
+            return
+        if self.memory is None:
+            n = int(mem["num_source"])
+            self.set_source_memory(mem["features"][:n].float(), mem["labels"][:n], int(mem["num_classes"]))
+        assert self.memory is not None
+        self.memory.load_state(mem)

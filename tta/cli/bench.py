@@ -1,0 +1,106 @@
+"""`tta bench`: every adapter on the same stream (fresh model each); table, results.json/csv and a plot."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tta.cli.run import (
+    add_common_arguments,
+    build_stream,
+    card_defaults,
+    load_model,
+    load_spec,
+    meta,
+    model_name,
+    parse_reset,
+    resolve_preset,
+    run_seed,
+)
+from tta.errors import ConfigError, TTAError
+
+
+def select_adapters(spec: str) -> list[str]:
+    """``all`` or a comma-separated list of registered names (unknown names raise ConfigError)."""
+    from tta.adapters import get_adapter_class, list_adapters
+
+    if spec.strip().lower() == "all":
+        return list_adapters()
+    names = [get_adapter_class(n).name for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--adapters needs at least one adapter name (or 'all')")
+    return list(dict.fromkeys(names))
+
+
+def split_assignments(assignments: list[str], adapters: list[str]) -> dict[str, dict[str, Any]]:
+    """Typed config overrides per adapter.
+
+    ``ADAPTER.key=value`` applies to that adapter only (it must be selected and have the key);
+    ``key=value`` applies to every selected adapter whose config has the key (at least one must).
+    """
+    from tta.adapters import get_adapter_class
+
+    scoped: dict[str, list[str]] = {a: [] for a in adapters}
+    for item in assignments:
+        key = item.split("=", 1)[0]
+        if "." in key:
+            scope, rest = item.split(".", 1)
+            name = get_adapter_class(scope).name
+            if name not in scoped:
+                raise ConfigError(f"--set {item!r}: adapter {name!r} is not among the benchmarked adapters")
+            scoped[name].append(rest)
+            continue
+        takers = [a for a in adapters if key.strip().replace("-", "_") in get_adapter_class(a).Config.field_names()]
+        if not takers:
+            raise ConfigError(f"--set {item!r}: no selected adapter has a config key {key!r}")
+        for a in takers:
+            scoped[a].append(item)
+    return {a: get_adapter_class(a).Config.parse_assignments(items) for a, items in scoped.items()}
+
+
+def bench(args: argparse.Namespace) -> int:
+    from tta.adapters import adapt
+    from tta.engine import run_stream, seed_everything
+    from tta.engine.report import format_table, write_results
+
+    names = select_adapters(args.adapters)
+    overrides = split_assignments(args.assignments, names)
+    reset = parse_reset(args.reset)
+    spec = load_spec(args)
+    seed = run_seed(args, spec)
+    preset = resolve_preset(args, spec)
+    stream = build_stream(spec, args, seed)
+    explicit = args.adapters.strip().lower() != "all"
+    print(f"tta bench: {', '.join(names)} on {model_name(args)}, stream {getattr(spec, 'name', args.stream)} "
+          f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, seed {seed}")
+
+    results, configs = {}, {}
+    for name in names:
+        seed_everything(seed)  # the same global RNG state for every adapter
+        try:
+            adapter = adapt(load_model(args), name, preset=preset, **card_defaults(name, overrides[name], args))
+        except TTAError as exc:
+            if explicit:
+                raise
+            print(f"[{name}] skipped: {exc}")
+            continue
+        configs[name] = adapter.config
+        print(f"[{name}]")
+        results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
+                                   progress=args.progress, seed=seed,
+                                   log=None if args.progress else print)
+    if not results:
+        raise ConfigError("no adapter could be built on this model")
+    print()
+    print(format_table(results))
+    written = write_results(results, args.out, title=f"{getattr(spec, 'name', '')} / {model_name(args)}",
+                            meta=meta(args, spec, seed, preset, configs))
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark adapters on one stream", description=__doc__)
+    parser.add_argument("--adapters", default="all", help="comma-separated adapter names or 'all' (default)")
+    add_common_arguments(parser)
+    parser.set_defaults(func=bench, out="results")

@@ -1,0 +1,70 @@
+"""`tta build-memory`: AdaNPC's source memory (normalised features + true labels) beside a card.
+
+    tta build-memory --model resnet20-fmnist            # -> models/resnet20-fmnist.memory.safetensors
+    tta build-memory --model CARD --dtype float16 --limit 20000 --out PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tta.errors import DataNotFoundError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "build-memory",
+        help="build AdaNPC's source feature memory for a model card",
+        description="Extract L2-normalised pooled features of the card's source training split with their "
+        "true labels and write them as <card>.memory.safetensors beside the card.",
+    )
+    p.add_argument("--model", required=True, help="model card name or path")
+    p.add_argument("--out", default=None, help="output file (default: beside the card)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="row storage dtype")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None, help="folder of the source dataset files")
+    p.set_defaults(func=run)
+
+
+def _source_split(dataset: str | None, data_dir: str | None):
+    """(uint8 NCHW images, int64 labels) of the card's source training split."""
+    import torch
+
+    if dataset in ("fashion-mnist", "fmnist", "fashion_mnist"):
+        from tta.streams.fashion_mnist import load_fashion_mnist
+
+        images, labels = load_fashion_mnist("train", data_dir)
+        return torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels)
+    raise DataNotFoundError(
+        f"no source-split loader for dataset {dataset!r} (available: fashion-mnist); build the memory with "
+        "tta.adapters.adanpc.build_source_memory(model, images, labels) and save_memory(...)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tta.adapters.adanpc import MEMORY_SUFFIX, build_source_memory, save_memory
+    from tta.models import get_card, load
+
+    card = get_card(args.model)
+    images, labels = _source_split(card.dataset, args.data_dir)
+    if args.limit is not None:
+        images, labels = images[: args.limit], labels[: args.limit]
+    model = load(card, device=args.device)
+    start = time.perf_counter()
+    dtype = torch.float16 if args.dtype == "float16" else torch.float32
+    feats, labels = build_source_memory(model, images, labels, batch_size=args.batch_size, dtype=dtype,
+                                        device=args.device)
+    out = Path(args.out) if args.out else (card.path.parent if card.path else Path(".")) / f"{card.name}{MEMORY_SUFFIX}"
+    save_memory(out, feats, labels, card.num_classes, {
+        "card": card.name, "dataset": str(card.dataset), "split": "train", "rows": str(len(labels)),
+        "checkpoint_sha256": str(card.sha256), "dtype": args.dtype,
+    })
+    print(f"wrote {out}: {feats.shape[0]} rows x {feats.shape[1]} dims ({args.dtype}), "
+          f"{card.num_classes} classes, {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,80 @@
+"""`tta train-source`: train a source model on Fashion-MNIST and write its checkpoint + model card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import torch
+
+from tta.models.training import DATASETS, TrainConfig, train_source
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    parser.add_argument("--arch", default="resnet20",
+                        help="built-in (resnet20, wrn28_10, vit_patch4_32), timm:<name> or torchvision:<name>")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out", default="models/resnet20-fmnist",
+                        help="output stem: writes OUT.safetensors and OUT.yaml; the card is named after OUT")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: adamw for ViTs, else sgd")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 sgd / 1e-3 adamw)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default 5e-4 sgd / 0.05 adamw")
+    parser.add_argument("--eval-every", type=int, default=0, help="test-split accuracy every N epochs (0: end only)")
+    parser.add_argument("--arch-kwargs", type=json.loads, default={},
+                        help='JSON dict of architecture options, e.g. \'{"embed_dim": 128, "depth": 6}\'')
+    parser.add_argument("--data-dir", default=None, help="folder with the dataset files (default: installed dataset)")
+    parser.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on an oversubscribed machine)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The full command line, every option spelled out, so the card states exactly what was run."""
+    parts = [f"--dataset {args.dataset}", f"--arch {args.arch}", f"--epochs {args.epochs}", f"--out {args.out}",
+             f"--seed {args.seed}", f"--batch-size {args.batch_size}"]
+    for flag, value in (("--optimizer", args.optimizer), ("--lr", args.lr), ("--weight-decay", args.weight_decay),
+                        ("--data-dir", args.data_dir), ("--limit-train", args.limit_train),
+                        ("--limit-test", args.limit_test), ("--threads", args.threads)):
+        if value is not None:
+            parts.append(f"{flag} {value}")
+    if args.eval_every:
+        parts.append(f"--eval-every {args.eval_every}")
+    if args.arch_kwargs:
+        parts.append("--arch-kwargs " + shlex.quote(json.dumps(args.arch_kwargs, separators=(",", ":"))))
+    return "tta train-source " + " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        arch=args.arch, out=args.out, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+        eval_every=args.eval_every, limit_train=args.limit_train, limit_test=args.limit_test, arch_kwargs=args.arch_kwargs, data_dir=args.data_dir, command=canonical_command(args),
+    )
+    train_source(cfg, progress=not args.no_progress)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train-source", help=__doc__.split(":", 1)[1].strip(), description=__doc__)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="tta train-source", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`tta warmup-adapters`: source warm-up of ViDA's adapters for a model card.
+
+Injects ViDA's low-/high-rank adapters into the card's model, trains only the adapters with
+cross-entropy on the card's source training split (Fashion-MNIST), and writes the adapter weights
+beside the card as ``<card>.vida.safetensors`` (metadata: ranks, steps, the command). ViDA then
+loads them with ``--set adapter_weights=models/<card>.vida.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+import torch
+
+from tta.errors import ConfigError
+
+
+def default_output(card) -> Path:
+    folder = card.path.parent if card.path is not None else Path("models")
+    return folder / f"{card.name}.vida.safetensors"
+
+
+def warmup(args: argparse.Namespace) -> int:
+    from tta.adapters.vida import save_adapter_weights, warmup_adapters
+    from tta.models import get_card, load
+    from tta.streams.fashion_mnist import load_fashion_mnist
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    card = get_card(args.model)
+    if card.dataset not in (None, "fashion-mnist"):
+        raise ConfigError(f"warm-up data for dataset {card.dataset!r} is not available here (only fashion-mnist)")
+    images, labels = load_fashion_mnist("train", args.data_dir)
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(images.shape[0], generator=g)[: args.limit_train]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)[idx].float().div_(255)
+    x = x[:, : card.in_chans]
+    y = torch.from_numpy(labels)[idx]
+    model = load(card, device=args.device)
+    start = time.time()
+    stats = warmup_adapters(model, x, y, low_rank=args.low_rank, high_rank=args.high_rank, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            log=print if args.progress else None)
+    stats["seconds"] = round(time.time() - start, 1)
+    command = "tta " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    out = Path(args.out) if args.out else default_output(card)
+    save_adapter_weights(model, out, {"card": card.name, "low_rank": args.low_rank, "high_rank": args.high_rank,
+                                      "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                      "train_images": int(x.shape[0]), "seed": args.seed, "command": command,
+                                      **stats})
+    print(json.dumps({"out": str(out), **stats}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("warmup-adapters", help="source warm-up of ViDA's adapters for a model card",
+                                   description=__doc__)
+    parser.add_argument("--model", required=True, help="model card name or YAML path")
+    parser.add_argument("--out", default=None, help="output file (default: models/<card>.vida.safetensors)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--low-rank", type=int, default=1)
+    parser.add_argument("--high-rank", type=int, default=128)
+    parser.add_argument("--limit-train", type=int, default=20000, help="training images sampled from (default 20000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the installed dataset)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(func=warmup)

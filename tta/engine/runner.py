@@ -1,0 +1,250 @@
+"""`run_stream`: run an adapter over a stream of batches (predict-and-adapt), with metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from tta.engine.metrics import ErrorCounter, RunResult, percentile
+from tta.engine.prefetch import Prefetcher
+from tta.errors import ConfigError, NonFiniteInputError
+from tta.streams.base import Batch, Stream
+
+logger = logging.getLogger("tta.engine")
+
+ResetPolicy = Literal["never", "domain"] | int
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_amp(amp: bool | str | None, device: torch.device) -> torch.dtype | None:
+    """AMP dtype: False/None = off; True = bf16 on CPU, fp16 on CUDA; or "bf16"/"fp16" explicitly."""
+    if amp is None or amp is False:
+        return None
+    if amp is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if amp in AMP_DTYPES:
+        return AMP_DTYPES[amp]
+    raise ConfigError(f"amp must be True/False, 'bf16' or 'fp16', got {amp!r}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_reset(reset: ResetPolicy) -> ResetPolicy:
+    if reset in ("never", "domain"):
+        return reset
+    if isinstance(reset, int) and not isinstance(reset, bool) and reset >= 1:
+        return reset
+    raise ConfigError(f"reset must be 'never', 'domain' or a number of batches >= 1, got {reset!r}")
+
+
+def predicted_classes(outputs: torch.Tensor) -> torch.Tensor:
+    """Argmax over classes; works for logits and probabilities alike."""
+    return outputs.argmax(1)
+
+
+def run_stream(
+    adapter: nn.Module,
+    stream: Stream | Iterable[Batch],
+    *,
+    device: str | torch.device = "auto",
+    amp: bool | str = False,
+    reset: ResetPolicy | None = None,
+    prefetch: int = 2,
+    progress: bool = True,
+    seed: int | None = None,
+    on_nonfinite: Literal["skip", "raise"] = "skip",
+    keep_predictions: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Predict-and-adapt on every batch of `stream`; returns per-domain error and speed metrics.
+
+    device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...; the adapter is moved there.
+    amp: autocast the adapter's forward (off by default; True = bf16 on CPU, fp16 on CUDA).
+    reset: ``"never"``, ``"domain"`` (reset to the source state when the batch domain changes) or
+        N (reset before every N-th batch: after batches N, 2N, ...); None = the stream's own
+        policy (its ``reset`` attribute, set by stream specs), else ``"never"``.
+    prefetch: batches loaded ahead in a background thread (0 = load in the calling thread);
+        on CUDA they are pinned and copied asynchronously.
+    seed: seeds Python/NumPy/torch global generators before the run (the adapter's own generators
+        are seeded by its config's ``seed``).
+    on_nonfinite: a batch with NaN/Inf values is rejected by the adapter before any state change;
+        ``"skip"`` counts it (its samples count as errors) and goes on, ``"raise"`` re-raises.
+    keep_predictions: keep the predicted class of every image (``-1`` for skipped batches).
+    log: receives one line per finished domain and the mean; default: printed under the
+        progress bar when `progress`, else sent to the ``tta.engine`` logger.
+    """
+    reset = _check_reset(getattr(stream, "reset", "never") if reset is None else reset)
+    if on_nonfinite not in ("skip", "raise"):
+        raise ConfigError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+    if prefetch < 0:
+        raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
+    if reset != "never" and not callable(getattr(adapter, "reset", None)):
+        raise ConfigError(f"reset={reset!r} needs an adapter with reset(); {type(adapter).__name__} has none")
+    if seed is not None:
+        seed_everything(seed)
+    dev = resolve_device(device)
+    amp_dtype = resolve_amp(amp, dev)
+    adapter.to(dev)
+
+    tqdm_cls = _tqdm() if progress else None
+    if log is None:
+        log = tqdm_cls.write if tqdm_cls is not None else logger.info
+    domains = list(getattr(stream, "domains", []) or [])
+    sizes = dict(getattr(stream, "domain_sizes", {}) or {})
+    counter = ErrorCounter(domains)
+    counters = getattr(adapter, "counters", {})
+    before = dict(counters)
+
+    latencies: list[float] = []
+    predictions: list[torch.Tensor] = []
+    images = batches = skipped_batches = skipped_images = resets = 0
+    current: str | None = None
+    mixed = False  # per-sample domains: per-domain lines are printed at the end
+    logged: set[str] = set()
+    bar = None
+    t_start: float | None = None
+
+    def finish_domain(name: str) -> None:
+        errors = counter.errors()
+        if not mixed and name in errors and name not in logged:
+            logged.add(name)
+            log(f"error % [{name}]: {errors[name]:.2f}")
+
+    source: Iterable[Batch]
+    source = Prefetcher(stream, prefetch, pin_memory=dev.type == "cuda") if prefetch else stream
+    non_blocking = dev.type == "cuda"
+    try:
+        for k, batch in enumerate(source):
+            if t_start is None:
+                t_start = time.perf_counter()
+            if batch.domain != current:
+                if current is not None:
+                    finish_domain(current)
+                    if reset == "domain":
+                        adapter.reset()
+                        resets += 1
+                if tqdm_cls is not None:
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm_cls(total=sizes.get(batch.domain), desc=batch.domain, unit="img",
+                                   leave=True, dynamic_ncols=True)
+                current = batch.domain
+            if isinstance(reset, int) and k > 0 and k % reset == 0:
+                adapter.reset()
+                resets += 1
+            mixed = mixed or batch.sample_domains is not None
+
+            n = len(batch)
+            t0 = time.perf_counter()
+            try:
+                x = batch.x.to(dev, non_blocking=non_blocking)
+                with autocast(dev, amp_dtype):
+                    outputs = adapter(x)
+                pred = predicted_classes(outputs).cpu()  # host sync: latency includes the device work
+            except NonFiniteInputError as exc:
+                if on_nonfinite == "raise":
+                    raise
+                skipped_batches += 1
+                skipped_images += n
+                log(f"skipped batch {k} [{batch.domain}]: {exc}")
+                pred = None
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            batches += 1
+            images += n
+
+            if batch.y is not None:
+                y = batch.y.cpu()
+                if pred is None:
+                    counter.add_wrong(batch.domain, batch.sample_domains, n)
+                else:
+                    counter.add(batch.domain, batch.sample_domains, pred == y)
+            if keep_predictions:
+                predictions.append(pred if pred is not None else torch.full((n,), -1, dtype=torch.int64))
+            if bar is not None:
+                bar.update(n)
+                if counter.labeled:
+                    bar.set_postfix(acc=f"{counter.running_accuracy():.2f}%", refresh=False)
+    finally:
+        if isinstance(source, Prefetcher):
+            source.close()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t_start if t_start is not None else 0.0
+
+    if mixed:
+        for name, err in counter.errors().items():
+            log(f"error % [{name}]: {err:.2f}")
+    elif current is not None:
+        finish_domain(current)
+    errors = counter.errors()
+    mean = float(np.mean(list(errors.values()))) if errors else None
+    if mean is not None:
+        log(f"mean error %: {mean:.2f}")
+    if skipped_batches:
+        log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite values; "
+            "counted as errors")
+
+    def delta(key: str) -> int:
+        return int(counters.get(key, 0)) - int(before.get(key, 0))
+
+    seen = counter.seen.tolist()
+    return RunResult(
+        adapter=str(getattr(adapter, "name", type(adapter).__name__)),
+        domains=list(counter.domains),
+        domain_errors=errors,
+        domain_images={d: int(s) for d, s in zip(counter.domains, seen) if s > 0},
+        mean_error=mean,
+        images=images,
+        seconds=seconds,
+        images_per_s=images / seconds if seconds > 0 else float("nan"),
+        latency_ms_p50=percentile(latencies, 50),
+        latency_ms_p95=percentile(latencies, 95),
+        batches=batches,
+        steps=delta("steps"),
+        small_batches=delta("small_batches"),
+        skipped_batches=skipped_batches,
+        skipped_images=skipped_images,
+        skipped_nonfinite_loss=delta("skipped_nonfinite_loss"),
+        resets=resets,
+        device=str(dev),
+        amp=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        predictions=torch.cat(predictions) if keep_predictions and predictions else None,
+    )
+
+
+def _tqdm():
+    from tqdm.auto import tqdm
+
+    return tqdm
