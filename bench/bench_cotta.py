@@ -103,7 +103,7 @@ def main() -> None:
     med = {m: statistics.median(v) for m, v in times.items() if v}
     result = {
         "model": described, "batch": args.batch, "size": args.size, "views": args.views,
-        "views_per_forward": args.views_per_forward or args.views, "ap": args.ap, "timed_batches": args.batches,
+        "views_per_forward": args.views_per_forward or "auto", "ap": args.ap, "timed_batches": args.batches,
         "seconds_per_batch": med,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }

@@ -5,6 +5,8 @@
 
 Groups pair the implementations measured side by side in one run:
 - bn-<shape>: `tta.ops.bn_calibrate` (fused op) vs `composite` (var_mean + mixing + batch_norm), fp32.
+- bn-train-<shape>: forward + backward with batch statistics (TENT's path): the op with its fused
+  backward kernel (`op`) vs `F.batch_norm(training=True)` (`composite`).
 - knn-M<m>-D<d>-B<b>: `tta.ops.knn_vote` vs `torch` (matmul + topk + softmax + scatter_add) vs
   `faiss` (IndexFlatIP.search + the same vote), k=100, tau=0.1, 10 classes, normalised fp32 rows.
 """
@@ -45,6 +47,30 @@ def test_bn_calibrate(benchmark, shape, impl):
     with torch.no_grad():
         y = benchmark(fn, x, rm, rv, w, b, 0.9, 1e-5)
     torch.testing.assert_close(y, composite_bn(x, rm, rv, w, b, 0.9, 1e-5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["op", "composite"])
+@pytest.mark.parametrize("shape", BN_SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_bn_train_step(benchmark, shape, impl):
+    if impl == "op" and tta.ops.backend() == "torch":
+        pytest.skip("tta._C not built")
+    benchmark.group = "bn-train-" + "x".join(map(str, shape))
+    x = torch.randn(shape, requires_grad=True)
+    c = shape[1]
+    rm, rv = torch.zeros(c), torch.ones(c)
+    w, b = torch.rand(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    gy = torch.randn(shape)
+
+    def step():
+        if impl == "op":
+            y = tta.ops.bn_calibrate(x, rm, rv, w, b, 0.0, 1e-5)
+        else:
+            y = F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+        x.grad = w.grad = b.grad = None
+        y.backward(gy)
+        return x.grad
+
+    benchmark(step)
 
 
 def torch_knn(q, mem, labels):

@@ -22,7 +22,7 @@ NVCC = os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/nvcc"
 @pytest.mark.skipif(SKIPPED_BUILD, reason="the compiled library is switched off (TTA_SKIP_EXT/TTA_DISABLE_C)")
 def test_compiled_library_is_loaded():
     assert tta.ops.backend() in ("cpp", "cpp+cuda"), f"tta._C did not load: {tta.ops.LOAD_ERROR}"
-    for op in ("bn_calibrate", "bn_calibrate_update", "knn_vote"):
+    for op in ("bn_calibrate", "bn_calibrate_update", "bn_calibrate_backward", "knn_vote"):
         assert hasattr(torch.ops.tta, op)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tta::{op}", "CPU")
 
@@ -35,7 +35,7 @@ def test_cuda_kernels_compiled_with_auto_switch():
     # The editable install ran with TTA_WITH_CUDA=auto: with nvcc + a CUDA torch the .cu sources must
     # have compiled into the library, whether or not a GPU is visible (none is here).
     assert tta.ops.backend() == "cpp+cuda"
-    for op in ("bn_calibrate", "bn_calibrate_update", "knn_vote"):
+    for op in ("bn_calibrate", "bn_calibrate_update", "bn_calibrate_backward", "knn_vote"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tta::{op}", "CUDA")
 
 

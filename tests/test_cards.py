@@ -74,7 +74,7 @@ def test_shipped_card_is_complete(name: str) -> None:
     assert card.training["train_time_s"] > 0 and card.training["train_images"] == 60000
     assert 0.0 < card.cotta_threshold < 1.0
     assert card.num_test == 10000 and card.clean_accuracy == round(100 * card.clean_correct / card.num_test, 2)
-    assert card.clean_accuracy >= (92.0 if name == DEFAULT_CARD else 85.0)
+    assert card.clean_accuracy >= (92.0 if name == DEFAULT_CARD else 80.0)
 
 
 @pytest.fixture(scope="module")

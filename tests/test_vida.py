@@ -140,8 +140,8 @@ def test_warmup_trains_only_the_adapters():
 
 
 def test_state_round_trip_and_reset(tmp_path):
-    xs = [x16(seed=i) for i in range(3)]
-    kw = dict(seed=4, n_views=3, high_rank=8, lr=1e-3, adapter_lr=1e-3, ap=1.0)
+    xs = [x16(b=4, seed=i) for i in range(3)]
+    kw = dict(seed=4, n_views=2, high_rank=8, lr=1e-3, adapter_lr=1e-3, ap=1.0)
     a = tta.adapt(tiny_vit(), "vida", **kw)
     a(xs[0])
     a.save(tmp_path / "vida.pt")

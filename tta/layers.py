@@ -107,8 +107,7 @@ class CalibratedBatchNorm(nn.Module):
         else:
             _check_batch_size(x, 1)
             if a == 0.0 and not _fused_kernel_applies(x, self):
-                # Pure batch statistics with gradients (TENT, CoTTA's student): PyTorch's training-mode
-                # kernel and its fused backward, no running update.
+                # Pure batch statistics without the compiled op: PyTorch's training-mode kernel.
                 y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             else:
                 y = calibrated_batch_norm(
@@ -160,13 +159,11 @@ def calibrated_batch_norm(
 
 
 def _fused_kernel_applies(x: torch.Tensor, layer: CalibratedBatchNorm) -> bool:
-    """Gradient-free calls (BN adapter, teachers) on tensors the compiled op supports: its fused
-    forward is several times faster than PyTorch's CPU batch_norm (bench/bench_ops.py)."""
+    """True when the compiled `tta.ops.bn_calibrate` handles `x`: on CPU its fused forward and
+    registered backward beat PyTorch's batch_norm in training mode (bench/bench_ops.py)."""
     from tta import ops
 
-    if layer.running_mean is None or not ops.has_kernel(x):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or (layer.weight is not None and layer.weight.requires_grad)))
+    return layer.running_mean is not None and ops.has_kernel(x)
 
 
 def _check_batch_size(x: torch.Tensor, groups: int) -> None:

@@ -65,8 +65,11 @@ class CottaConfig(OptimConfig):
     n_views: augmented teacher passes (32).
     loss: ``soft_ce`` (CIFAR) or ``symmetric_ce`` (ImageNet).
     reference_mode: run the slow literal algorithm (see the module docstring).
-    views_per_forward: views per batched teacher forward on the fast path (0 = all ``n_views`` in
-        one forward); lower it to bound memory (e.g. large images).
+    views_per_forward: views per batched (ghost-BN) teacher forward on the fast path; 0 = auto:
+        all ``n_views`` in one forward on GPUs (many small forwards become one), 1 on CPUs, where a
+        bigger batch runs no faster and ghost BN costs more than the fused per-view BatchNorm
+        (timm resnet50, 2 views x 16 images at 224 px: 16.3 s batched vs 13.8 s separate on the
+        2-core box). Lower it to bound memory (large images).
     """
 
     ema_momentum: float = 0.999
@@ -161,7 +164,7 @@ class CoTTA(TeacherStudentAdapter):
         """Mean teacher logits over the views, `views_per_forward` views per ghost-BN forward."""
         cfg: CottaConfig = self.config  # type: ignore[assignment]
         n = cfg.n_views
-        chunk = cfg.views_per_forward or n
+        chunk = views_per_forward(cfg.views_per_forward, n, x.device)
         params = self.augment.draw(n, tuple(x.shape[-2:]), param_gen)
         total = None
         for start in range(0, n, chunk):
@@ -192,6 +195,13 @@ class CoTTA(TeacherStudentAdapter):
         return torch.stack(outputs).mean(0)
 
 
+def views_per_forward(configured: int, n_views: int, device: torch.device) -> int:
+    """Views per batched forward: the configured count, or auto (0): all on GPUs, 1 on CPUs."""
+    if configured:
+        return configured
+    return 1 if device.type == "cpu" else n_views
+
+
 @torch.no_grad()
 def confidence_threshold(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
                          quantile: float = 0.05, margin: float = 0.05) -> float:
@@ -209,4 +219,4 @@ def confidence_threshold(model: nn.Module, images: torch.Tensor, batch_size: int
     return float(torch.quantile(conf, quantile)) - margin
 
 
-__all__ = ["CoTTA", "CottaConfig", "confidence_threshold"]
+__all__ = ["CoTTA", "CottaConfig", "confidence_threshold", "views_per_forward"]

@@ -54,6 +54,7 @@ from torch import nn
 from tta.adapters.config import OptimConfig
 from tta.adapters.registry import register_adapter
 from tta.adapters.teacher import LOSSES, parse_card_markers, TeacherStudentAdapter, augmentation_uncertainty, ema_update_
+from tta.adapters.cotta import views_per_forward
 from tta.augment import CottaAugment, stack_views
 from tta.errors import ConfigError, DataNotFoundError, NoAdaptableLayerError
 from tta.layers import calibrated_layers, replace_batchnorms
@@ -229,7 +230,7 @@ class VidaConfig(OptimConfig):
     hka: ``paper`` (both scales follow the uncertainty) or ``reference`` (the `elif` bug).
     adapter_weights: safetensors file of warmed-up adapters (`tta warmup-adapters`); None = init.
     targets: names of the attention Linear layers to inject.
-    views_per_forward: views per batched teacher forward (0 = all).
+    views_per_forward: views per batched teacher forward (0 = auto: all on GPUs, 1 on CPUs).
     """
 
     lr: float = 1e-4
@@ -345,7 +346,7 @@ class ViDA(TeacherStudentAdapter):
         cfg: VidaConfig = self.config  # type: ignore[assignment]
         param_gen, noise_gen = self.step_generators()
         n = cfg.n_views
-        chunk = cfg.views_per_forward or n
+        chunk = views_per_forward(cfg.views_per_forward, n, x.device)
         params = self.augment.draw(n, tuple(x.shape[-2:]), param_gen)
         parts = []
         for start in range(0, n, chunk):

@@ -219,6 +219,10 @@ def run_stream(
     def delta(key: str) -> int:
         return int(counters.get(key, 0)) - int(before.get(key, 0))
 
+    if delta("aug_used") + delta("aug_skipped"):  # CoTTA: share of batches without augmented views
+        log(f"augmentation skipped on {delta('aug_skipped')} of {delta('aug_used') + delta('aug_skipped')} "
+            "batches (anchor confident)")
+
     seen = counter.seen.tolist()
     return RunResult(
         adapter=str(getattr(adapter, "name", type(adapter).__name__)),
