@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 FMNIST_C := data/fashion-mnist-c
 # Main job defaults: the continual benchmark on a documented subset (DEMO_LIMIT images per domain).
-DEMO_ADAPTERS ?= source,bn,alpha-bn,tent
+DEMO_ADAPTERS ?= source,bn,alpha-bn,tent,adanpc
 DEMO_LIMIT ?= 2000
 ARGS ?=
 PYTEST_ARGS ?=
@@ -44,8 +44,12 @@ $(FMNIST):
 data: setup $(FMNIST)
 	$(TTA) make-c --dataset fashion-mnist --out $(FMNIST_C) --severities 5
 
-bench: setup $(FMNIST)
-	$(PY) -m pytest bench -q
+bench: setup data
+	nice -n 10 $(PY) -m pytest bench/bench_ops.py -q --benchmark-json=runs/bench_ops.json
+	$(PY) bench/bench_ops.py runs/bench_ops.json
+	$(PY) bench/bench_adapters.py --rounds 5 --warmup 1 --engine-overhead
+	$(PY) bench/bench_corruptions.py
+	$(PY) bench/bench_edge.py
 
 clean:
 	rm -rf build runs $(VENV) *.egg-info

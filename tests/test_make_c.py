@@ -158,3 +158,17 @@ def test_cli_generates_a_set_from_an_image_folder(tmp_path, capsys):
     args = parser.parse_args(["make-c", "--dataset", "image-folder", "--out", str(tmp_path / "x")])
     with pytest.raises(ConfigError, match="needs --source"):
         args.func(args)
+
+
+def test_subset_request_on_a_complete_superset_keeps_it(tmp_path, small):
+    images, labels = small
+    generate.make_c(images, labels, tmp_path, corruptions=("fog", "snow"), severities=(1, 3, 5), progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    status = generate.make_c(images, labels, tmp_path, corruptions=("fog",), severities=(5,), progress=False)
+    assert status == {"fog": "kept"}
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    data = CorruptionArraySet(tmp_path)
+    assert data.severities == (1, 3, 5)
+    # a different seed is still refused
+    with pytest.raises(ConfigError, match="already holds a set made with"):
+        generate.make_c(images, labels, tmp_path, corruptions=("fog",), severities=(5,), seed=1, progress=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from tta.errors import ConfigError, DataNotFoundError, StateMismatchError
 from tta.models import Normalized, build_model, load, load_state_dict, load_weights, save_state_dict, sha256_file
 from tta.models import builders
 from tta.models.cards import ModelCard
-from tta.models.features import extract_features, features_and_logits
+from tta.models.features import classifier_name, extract_features, features_and_logits
 from tta.models.preprocessing import get_preprocessing
 from tta.models.resnet_cifar import resnet20
 from tta.models.training import augment, channel_stats, cotta_threshold, evaluate
@@ -251,7 +250,7 @@ def test_features_are_classifier_inputs(arch: str, size: int, dim: int) -> None:
         assert torch.allclose(logits, model(x), atol=1e-5)
         # The features are what the final linear classifier sees.
         net = model.model
-        head = net.get_submodule(__import__("tta.models.features", fromlist=["classifier_name"]).classifier_name(net))
+        head = net.get_submodule(classifier_name(net))
         assert torch.allclose(head(feats), logits, atol=1e-5)
         assert torch.allclose(extract_features(model, x), feats)
 
