@@ -31,7 +31,7 @@ it serves as CoTTA's anchor for free. Per batch: when the anchor is uncertain (m
 (augmentation-based uncertainty handling as in CoTTA/ViDA; with zero-initialised prompts the clean
 teacher equals the student, so only this target starts the adaptation); otherwise the teacher's
 output on the clean input. Loss soft CE (CIFAR) / symmetric CE (ImageNet); the returned prediction
-is the target (the teacher's output). ``counters["aug_target"]`` counts augmented targets.
+is the teacher's output on the clean input (as ViDA's). ``counters["aug_target"]`` counts augmented targets.
 """
 
 from __future__ import annotations
@@ -225,19 +225,19 @@ class VDP(Adapter):
         with torch.no_grad():
             param_gen, noise_gen = self._step_generators()
             uncertain = float(self.model(x).softmax(1).amax(1).mean()) < cfg.ap
+            teacher = teacher_model(x)
+            target = teacher
             if uncertain:
                 params = self.augment.draw(cfg.n_views, tuple(x.shape[-2:]), param_gen)
                 views = self.augment.apply(x, params, self.augment.noise(cfg.n_views, x, noise_gen))
                 target = teacher_model(stack_views(views)).view(cfg.n_views, x.shape[0], -1).mean(0)
-            else:
-                target = teacher_model(x)
         key = "aug_target" if uncertain else "clean_target"
         self.counters[key] = self.counters.get(key, 0) + 1
         student = self.__dict__["_student"](x)
         self._homeostatic_step(LOSSES[cfg.loss](student, target))
         ema_update_([self.teacher_prompt.agnostic, self.teacher_prompt.specific],
                     [self.prompt.agnostic, self.prompt.specific], cfg.ema_momentum)
-        return target
+        return teacher
 
     def _homeostatic_step(self, loss: torch.Tensor) -> None:
         """backward; importance <- running mean of g^2; step; shrink the agnostic prompt's update."""

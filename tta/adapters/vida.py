@@ -27,7 +27,7 @@ Per batch x (teacher = EMA of the student):
  5. teacher EMA (``ema_momentum`` for model, ``adapter_ema_momentum`` for adapter parameters) and a
     stochastic restore of every trainable weight/bias (the reference CIFAR code restores with
     p = 0.1, its hidden default; ImageNet: no restore);
- 6. return the target (the teacher's output).
+ 6. return the teacher's output on the clean input (computed after the HKA scales are set).
 
 The reference code starts from adapters warmed up on source data: `warmup_adapters` trains the
 adapters of a source model with cross-entropy on labelled source images (`tta warmup-adapters`)
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -367,14 +366,12 @@ class ViDA(TeacherStudentAdapter):
         self._set_scales(augmentation_uncertainty(view_logits))
         with torch.no_grad():
             confidence = float(self.anchor(x).softmax(1).amax(1).mean())
-            if confidence < cfg.ap:
-                teacher = view_logits.mean(0)
-            else:
-                teacher = self.teacher(x)
+            teacher = self.teacher(x)
+            target = view_logits.mean(0) if confidence < cfg.ap else teacher
         key = "aug_target" if confidence < cfg.ap else "clean_target"
         self.counters[key] = self.counters.get(key, 0) + 1
         student = self.model(x)
-        self.apply_loss(LOSSES[cfg.loss](student, teacher))
+        self.apply_loss(LOSSES[cfg.loss](student, target))
         self.update_teacher(cfg.ema_momentum)
         self.restore(cfg.restore_prob)
         return teacher
