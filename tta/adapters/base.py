@@ -259,16 +259,7 @@ class Adapter(nn.Module):
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Load an adapted state written by `save()` (weights-only unpickling)."""
-        path = Path(path)
-        if not path.is_file():
-            raise StateMismatchError(f"no adapter state file at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated file, not a torch file, forbidden pickle opcode...
-            raise StateMismatchError(f"{path} is not a readable adapter state: {exc}") from exc
-        if not isinstance(state, dict):
-            raise StateMismatchError(f"{path} does not hold an adapter state dict")
-        self.load_state_dict(state)
+        self.load_state_dict(read_state(path))
 
     # ------------------------------------------------------------------ internals
     def _snapshot(self) -> dict[str, torch.Tensor]:
@@ -309,6 +300,20 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an adapter state file written by `save_state` (weights-only unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateMismatchError(f"no adapter state file at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, forbidden pickle opcode...
+        raise StateMismatchError(f"{path} is not a readable adapter state: {exc}") from exc
+    if not isinstance(state, dict):
+        raise StateMismatchError(f"{path} does not hold an adapter state dict")
+    return state
+
+
 def infer_in_channels(model: nn.Module) -> int | None:
     """Input channels of the first convolution (None when the model has none)."""
     for m in model.modules():
@@ -317,4 +322,4 @@ def infer_in_channels(model: nn.Module) -> int | None:
     return None
 
 
-__all__ = ["Adapter", "infer_in_channels", "save_state", "calibrated_layers"]
+__all__ = ["Adapter", "infer_in_channels", "read_state", "save_state", "calibrated_layers"]

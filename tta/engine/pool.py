@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tta.adapters.base import Adapter
+from tta.adapters.base import Adapter, read_state
 from tta.engine.runner import autocast, resolve_amp, resolve_device
 from tta.errors import InvalidInputError, StateMismatchError
 
@@ -107,16 +107,3 @@ class StreamPool:
     def __len__(self) -> int:
         return len(self._states)
 
-
-def read_state(path: str | os.PathLike[str]) -> dict:
-    """Read an adapter state file written by `Adapter.save` (weights-only unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StateMismatchError(f"no adapter state file at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, not a torch file, forbidden pickle opcode...
-        raise StateMismatchError(f"{path} is not a readable adapter state: {exc}") from exc
-    if not isinstance(state, dict):
-        raise StateMismatchError(f"{path} does not hold an adapter state dict")
-    return state
