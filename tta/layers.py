@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta import ops
 from tta.errors import BatchTooSmallError, NoAdaptableLayerError
 
 
@@ -106,13 +107,14 @@ class CalibratedBatchNorm(nn.Module):
             y = self._ghost_forward(x, a)
         else:
             _check_batch_size(x, 1)
-            if a == 0.0 and not _fused_kernel_applies(x, self):
+            if a == 0.0 and not ops.has_kernel(x):
                 # Pure batch statistics without the compiled op: PyTorch's training-mode kernel.
+                # (With the op, its fused forward and registered backward are faster on CPU:
+                # bench/bench_ops.py.)
                 y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             else:
-                y = calibrated_batch_norm(
-                    x, self.running_mean, self.running_var, self.weight, self.bias, a, self.eps
-                )
+                # Compiled kernel when available for this input, else the torch composite (the oracle).
+                y = ops.bn_calibrate(x, self.running_mean, self.running_var, self.weight, self.bias, a, self.eps)
         return self.post(y)
 
     def _ghost_forward(self, x: torch.Tensor, a: float) -> torch.Tensor:
@@ -124,8 +126,8 @@ class CalibratedBatchNorm(nn.Module):
         xg = x.reshape(g, n, *x.shape[1:])
         dims = [1] + list(range(3, xg.dim()))
         var, mean = torch.var_mean(xg, dim=dims, unbiased=False, keepdim=True)
+        shape = [1, 1, -1] + [1] * (xg.dim() - 3)
         if a > 0.0:
-            shape = [1, 1, -1] + [1] * (xg.dim() - 3)
             mean = a * self.running_mean.view(shape) + (1 - a) * mean
             var = a * self.running_var.view(shape) + (1 - a) * var
         # Fold normalisation and affine into one per-(group, channel) scale and shift so the big
@@ -133,37 +135,9 @@ class CalibratedBatchNorm(nn.Module):
         scale = torch.rsqrt(var + self.eps)
         shift = -mean * scale
         if self.weight is not None:
-            shape = [1, 1, -1] + [1] * (xg.dim() - 3)
             scale = scale * self.weight.view(shape)
             shift = shift * self.weight.view(shape) + self.bias.view(shape)
         return torch.addcmul(shift, xg, scale).reshape(x.shape)
-
-
-def calibrated_batch_norm(
-    x: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    source_weight: float,
-    eps: float,
-) -> torch.Tensor:
-    """Normalise `x` (N, C, ...) with source/batch statistics mixed by `source_weight`.
-
-    Dispatches to the fused `tta.ops` kernel when it is available for this input, otherwise runs
-    the torch composite (which is also the oracle the kernel is tested against).
-    """
-    from tta import ops  # late import: ops may load the compiled library
-
-    return ops.bn_calibrate(x, running_mean, running_var, weight, bias, source_weight, eps)
-
-
-def _fused_kernel_applies(x: torch.Tensor, layer: CalibratedBatchNorm) -> bool:
-    """True when the compiled `tta.ops.bn_calibrate` handles `x`: on CPU its fused forward and
-    registered backward beat PyTorch's batch_norm in training mode (bench/bench_ops.py)."""
-    from tta import ops
-
-    return layer.running_mean is not None and ops.has_kernel(x)
 
 
 def _check_batch_size(x: torch.Tensor, groups: int) -> None:
