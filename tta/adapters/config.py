@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 from tta.errors import ConfigError
 
 PRESET_NAMES = ("cifar10", "cifar100", "imagenet")
+CARD = "card"  # CLI marker: take this config value from the model card (``--set ap=card``)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class AdapterConfig:
     seed: int | None = None
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: config keys a model card can supply on the CLI (``key=card``): config key -> card attribute
+    CARD_FIELDS: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -74,7 +77,11 @@ class AdapterConfig:
 
     @classmethod
     def parse_assignments(cls, assignments: list[str]) -> dict[str, Any]:
-        """Parse CLI ``key=value`` strings into typed values (unknown keys raise `ConfigError`)."""
+        """Parse CLI ``key=value`` strings into typed values (unknown keys raise `ConfigError`).
+
+        ``key=card`` for a key in `CARD_FIELDS` is kept as the marker `CARD`; the CLI replaces it
+        with the model card's value once the card is known.
+        """
         hints = typing.get_type_hints(cls)
         out: dict[str, Any] = {}
         for item in assignments:
@@ -82,11 +89,19 @@ class AdapterConfig:
                 raise ConfigError(f"expected key=value, got {item!r}")
             key, raw = item.split("=", 1)
             key = key.strip().replace("-", "_")
-            if key not in hints or key == "PRESETS":
+            if key not in cls.field_names():
                 raise ConfigError(
                     f"unknown config key {key!r} for {cls.__name__}; valid keys: "
                     f"{', '.join(sorted(cls.field_names()))}"
                 )
+            if raw.strip().lower() == CARD:
+                if key not in cls.CARD_FIELDS:
+                    raise ConfigError(
+                        f"{cls.__name__}: {key!r} cannot be taken from a model card "
+                        f"(card-backed keys: {', '.join(sorted(cls.CARD_FIELDS)) or 'none'})"
+                    )
+                out[key] = CARD
+                continue
             out[key] = _parse_string(key, hints[key], raw.strip())
         return out
 
@@ -179,4 +194,4 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
-__all__ = ["AdapterConfig", "OptimConfig", "PRESET_NAMES", "field"]
+__all__ = ["AdapterConfig", "CARD", "OptimConfig", "PRESET_NAMES", "field"]

@@ -49,7 +49,7 @@ from torch import nn
 
 from tta.adapters.config import OptimConfig
 from tta.adapters.registry import register_adapter
-from tta.adapters.teacher import LOSSES, TeacherStudentAdapter, parse_card_markers
+from tta.adapters.teacher import LOSSES, TeacherStudentAdapter
 from tta.augment import CottaAugment, stack_views
 from tta.errors import ConfigError
 from tta.layers import calibrated_layers, replace_batchnorms
@@ -88,11 +88,6 @@ class CottaConfig(OptimConfig):
     }
     #: config keys a model card can supply (``--set ap=card``): config key -> card attribute
     CARD_FIELDS: ClassVar[dict[str, str]] = {"ap": "cotta_threshold"}
-
-    @classmethod
-    def parse_assignments(cls, assignments: list[str]) -> dict[str, Any]:
-        """As `AdapterConfig.parse_assignments`, plus ``ap=card`` (resolved by the CLI from the card)."""
-        return parse_card_markers(cls, assignments, super().parse_assignments)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from tta.adapters.config import CARD
 from tta.adapters.base import Adapter
 from tta.errors import ConfigError
 
@@ -116,27 +117,6 @@ def weight_bias_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 out.append((f"{mod_name}.{pname}" if mod_name else pname, p))
     return out
-
-
-CARD = "card"  # CLI marker: take this config value from the model card (``--set ap=card``)
-
-
-def parse_card_markers(config_cls: type, assignments: Iterable[str], parse: Any) -> dict[str, Any]:
-    """`parse_assignments` that keeps ``key=card`` (for keys in ``config_cls.CARD_FIELDS``) as the
-    marker `CARD`; `resolve_card_fields` replaces the markers once the model card is known."""
-    fields: Mapping[str, str] = getattr(config_cls, "CARD_FIELDS", {})
-    marked, rest = {}, []
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        norm = key.strip().replace("-", "_")
-        if sep and raw.strip().lower() == CARD:
-            if norm not in fields:
-                raise ConfigError(f"{config_cls.__name__}: {norm!r} cannot be taken from a model card "
-                                  f"(card-backed keys: {', '.join(sorted(fields)) or 'none'})")
-            marked[norm] = CARD
-        else:
-            rest.append(item)
-    return {**parse(rest), **marked}
 
 
 def resolve_card_fields(config_cls: type, overrides: dict[str, Any], card: Any) -> dict[str, Any]:
@@ -251,9 +231,7 @@ __all__ = [
     "ema_update_",
     "ema_update_reference",
     "frozen_copy",
-    "CARD",
     "card_defaults",
-    "parse_card_markers",
     "resolve_card_fields",
     "soft_cross_entropy",
     "stochastic_restore_",

@@ -45,7 +45,7 @@ from torch import nn
 from tta.adapters.base import Adapter
 from tta.adapters.config import OptimConfig
 from tta.adapters.registry import register_adapter
-from tta.adapters.teacher import LOSSES, parse_card_markers, ema_update_
+from tta.adapters.teacher import LOSSES, ema_update_
 from tta.augment import CottaAugment, stack_views
 from tta.errors import ConfigError, InvalidInputError
 
@@ -143,11 +143,6 @@ class VdpConfig(OptimConfig):
 
     #: config keys a model card can supply (``--set ap=card``): the CoTTA threshold of the card
     CARD_FIELDS: ClassVar[dict[str, str]] = {"ap": "cotta_threshold"}
-
-    @classmethod
-    def parse_assignments(cls, assignments: list[str]) -> dict[str, Any]:
-        """As `AdapterConfig.parse_assignments`, plus ``ap=card`` (resolved by the CLI from the card)."""
-        return parse_card_markers(cls, assignments, super().parse_assignments)
 
     def __post_init__(self) -> None:
         super().__post_init__()
