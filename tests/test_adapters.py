@@ -373,3 +373,12 @@ def test_fork_is_independent_and_shares_frozen_weights():
     b(torch.rand(8, 3, 32, 32) * 3)
     assert_same_state(before, tensors(a.model))
     assert not torch.equal(a.model[1].bias, b.model[1].bias)
+
+
+def test_subpackages_are_reachable_from_the_top_level_package():
+    import subprocess
+    import sys
+
+    code = "import tta; print(tta.models.DEFAULT_CARD, tta.streams.DEFAULT_SPEC, callable(tta.engine.run_stream))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["resnet20-fmnist", "fmnist-c-continual", "True"]

@@ -19,11 +19,15 @@ __version__ = "0.1.0"
 
 _LAZY = {"Adapter": "tta.adapters", "adapt": "tta.adapters", "adapter_config": "tta.adapters",
          "list_adapters": "tta.adapters"}
+#: subpackages reachable as attributes (``tta.models.load(...)``) without importing them up front
+_SUBPACKAGES = ("adapters", "edge", "engine", "export", "models", "ops", "streams")
 
 __all__ = ["Adapter", "TTAError", "adapt", "adapter_config", "list_adapters", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"tta.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'tta' has no attribute {name!r}")
@@ -33,4 +37,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
