@@ -6,10 +6,11 @@ the same batch size, with CoTTA's model configuration (BatchNorm on batch statis
 EMA, restore and optimizer are outside the floor.
 
 Modes are interleaved batch by batch so machine-load drift hits them alike. ``--ap 1.0`` forces
-augmentation on every batch (the worst case the floor describes); ``--skip`` adds the fast path
-with augmentation skipped (a confident anchor).
+augmentation on every batch (the worst case the floor describes); the ``skip`` mode is the fast
+path with augmentation skipped (a confident anchor). ``--input grey`` feeds R = G = B images, as
+the Fashion-MNIST streams do (the augmentation then works on one channel).
 
-    .venv/bin/python bench/bench_cotta.py --model resnet20 --batch 200 --size 32 --batches 2
+    .venv/bin/python bench/bench_cotta.py --model resnet20-fmnist --batch 200 --size 32 --batches 3 --input grey
     .venv/bin/python bench/bench_cotta.py --model timm:resnet50 --batch 64 --size 224 --batches 1 \
         --views-per-forward 2 --classes 1000
 """
@@ -20,6 +21,7 @@ import argparse
 import copy
 import json
 import platform
+import re
 import statistics
 import time
 
@@ -44,13 +46,28 @@ def build(model: str, classes: int) -> tuple[nn.Module, str]:
     return build_model(model, num_classes=classes).eval(), f"{model} (random weights)"
 
 
-def floor_step(model: nn.Module, x: torch.Tensor, n_views: int) -> None:
-    """(n_views + 2) no-grad forwards + 1 forward with grad + 1 backward, each at batch size B."""
+def floor_step(model: nn.Module, x: torch.Tensor, n_views: int, views_channels_last: bool = False) -> None:
+    """(n_views + 2) no-grad forwards + 1 forward with grad + 1 backward, each at batch size B;
+    with `views_channels_last` the n_views forwards take channels_last input (the fast path's CPU
+    default), so the floor of that layout is measured too."""
+    xv = x.contiguous(memory_format=torch.channels_last) if views_channels_last else x
     with torch.no_grad():
-        for _ in range(n_views + 2):
+        for _ in range(2):
             model(x)
+        for _ in range(n_views):
+            model(xv)
     model(x).logsumexp(1).mean().backward()
     model.zero_grad(set_to_none=True)
+
+
+def autocast_bf16(adapter: tta.Adapter):
+    """The adapter step under bf16 autocast on the CPU (what `tta run --amp` does there)."""
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return adapter(x)
+
+    return step
 
 
 def main() -> None:
@@ -62,9 +79,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--views", type=int, default=32)
     ap.add_argument("--views-per-forward", type=int, default=0)
+    ap.add_argument("--views-memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                    help="memory format of the fast path's augmented views (auto: channels_last on CPU)")
     ap.add_argument("--batches", type=int, default=2, help="timed batches per mode (after one warm-up)")
     ap.add_argument("--ap", type=float, default=1.0)
-    ap.add_argument("--modes", default="floor,fast,reference,skip")
+    ap.add_argument("--input", choices=["colour", "grey"], default="colour",
+                    help="random colour images, or grey ones (R = G = B) as in the Fashion-MNIST streams")
+    ap.add_argument("--modes", default="floor,floor_cl,fast,reference,skip",
+                    help="floor: N+3 forwards + 1 backward in the model's layout; floor_cl: the same with "
+                         "channels_last views; fast; reference (reference_mode); skip (fast, confident anchor); "
+                         "fast_nK (fast with K views); fast_bf16 (fast under bf16 autocast)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args()
@@ -75,20 +99,38 @@ def main() -> None:
     except Exception:
         base, described = build(args.fallback, args.classes)
     x_all = torch.rand(args.batches + 1, args.batch, 3, args.size, args.size)
+    if args.input == "grey":  # R = G = B, like the default Fashion-MNIST stream
+        x_all = x_all[:, :, :1].expand_as(x_all).contiguous()
     modes = args.modes.split(",")
     runners = {}
     common = {"seed": 0, "n_views": args.views, "ap": args.ap, "views_per_forward": args.views_per_forward}
+    fast_only = {"views_memory_format": args.views_memory_format}
     if "floor" in modes:
         floor_model = copy.deepcopy(base)
         replace_batchnorms(floor_model, 0.0)
         floor_model.requires_grad_(True)
         runners["floor"] = lambda x: floor_step(floor_model, x, args.views)
+    if "floor_cl" in modes:
+        floor_cl_model = copy.deepcopy(base)
+        replace_batchnorms(floor_cl_model, 0.0)
+        floor_cl_model.requires_grad_(True)
+        runners["floor_cl"] = lambda x: floor_step(floor_cl_model, x, args.views, views_channels_last=True)
     if "fast" in modes:
-        runners["fast"] = tta.adapt(copy.deepcopy(base), "cotta", **common)
+        runners["fast"] = tta.adapt(copy.deepcopy(base), "cotta", **common, **fast_only)
     if "reference" in modes:
         runners["reference"] = tta.adapt(copy.deepcopy(base), "cotta", reference_mode=True, **common)
     if "skip" in modes:
-        runners["skip"] = tta.adapt(copy.deepcopy(base), "cotta", **{**common, "ap": 0.0})
+        runners["skip"] = tta.adapt(copy.deepcopy(base), "cotta", **{**common, "ap": 0.0}, **fast_only)
+    for mode in modes:  # speed side of the views/precision trade-off: fast_n8, fast_n4, ...
+        fewer = re.fullmatch(r"fast_n(\d+)", mode)
+        if fewer:
+            runners[mode] = tta.adapt(copy.deepcopy(base), "cotta", **{**common, "n_views": int(fewer[1])},
+                                      **fast_only)
+    if "fast_bf16" in modes:
+        runners["fast_bf16"] = autocast_bf16(tta.adapt(copy.deepcopy(base), "cotta", **common, **fast_only))
+    unknown = [m for m in modes if m not in runners]
+    if unknown:
+        ap.error(f"unknown mode(s) {', '.join(unknown)}")
 
     times: dict[str, list[float]] = {m: [] for m in runners}
     start = 0 if args.no_warmup else 1
@@ -103,7 +145,8 @@ def main() -> None:
     med = {m: statistics.median(v) for m, v in times.items() if v}
     result = {
         "model": described, "batch": args.batch, "size": args.size, "views": args.views,
-        "views_per_forward": args.views_per_forward or "auto", "ap": args.ap, "timed_batches": args.batches,
+        "views_per_forward": args.views_per_forward or "auto",
+        "views_memory_format": args.views_memory_format, "input": args.input, "ap": args.ap, "timed_batches": args.batches,
         "seconds_per_batch": med,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
@@ -111,6 +154,8 @@ def main() -> None:
         result["ratio_to_floor"] = {m: med[m] / med["floor"] for m in med if m != "floor"}
     if "fast" in med and "reference" in med:
         result["reference_over_fast"] = med["reference"] / med["fast"]
+        # modes are interleaved, so each round's ratio compares runs made under the same load
+        result["reference_over_fast_per_round"] = [r / f for r, f in zip(times["reference"], times["fast"])]
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -39,6 +39,22 @@ def test_batched_views_equal_per_view_application(grey):
     assert stack_views(batched).shape == (45, 3, 12, 12)
 
 
+def test_grey_rgb_shortcut_equals_the_three_channel_transform():
+    """A grey RGB batch is transformed as one channel; the full three-channel transform (hue and
+    saturation computed) gives the same views, with the noise drawn per channel."""
+    aug = CottaAugment()
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(6, 1, 14, 14).expand(-1, 3, -1, -1).contiguous()
+    params = aug.draw(12, (14, 14), g)
+    noise = aug.noise(12, x, g)
+    fast = aug.apply(x, params, noise)
+    full = (aug._transform(x, params) + noise).clamp(0, 1)
+    torch.testing.assert_close(fast, full, atol=2e-6, rtol=0)
+    assert not torch.equal(fast[:, :, 0], fast[:, :, 1])  # the noise differs per channel
+    torch.testing.assert_close(aug.apply(x, params, None), aug._transform(x, params).clamp(0, 1),
+                               atol=2e-6, rtol=0)
+
+
 def test_views_differ_and_draws_are_reproducible():
     aug = CottaAugment()
     x = torch.rand(4, 3, 16, 16)

@@ -55,12 +55,14 @@ def anchor_confidences(model: nn.Module, xs: list[torch.Tensor]) -> list[float]:
         return [float(adapter.anchor(x).softmax(1).amax(1).mean()) for x in xs]
 
 
+@pytest.mark.parametrize("memory_format", ["auto", "contiguous"])
 @pytest.mark.parametrize("case", ["always", "mixed", "never"])
-def test_fast_path_equals_reference_mode(case):
+def test_fast_path_equals_reference_mode(case, memory_format):
     model, xs = small_cnn(), batches(b=6, size=8)
     conf = sorted(anchor_confidences(model, xs))
     ap = {"always": 1.0, "never": 0.0, "mixed": (conf[2] + conf[3]) / 2}[case]
-    fast, fa = run(model, xs, ap=ap, views_per_forward=4)  # 5 views in chunks of 4 + 1
+    # 5 views in chunks of 4 + 1; auto = channels_last views on CPU
+    fast, fa = run(model, xs, ap=ap, views_per_forward=4, views_memory_format=memory_format)
     ref, ra = run(model, xs, ap=ap, reference_mode=True)
     for f, r in zip(fast, ref):
         torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
@@ -74,6 +76,24 @@ def test_fast_path_equals_reference_mode(case):
     assert fa.augmentation_skip_fraction == pytest.approx(1 - used / 6)
     # restore actually happened and the student moved away from the source
     assert any(not torch.equal(p, s) for p, s in zip(fa._restore_params, fa._restore_sources))
+
+
+@pytest.mark.parametrize(("configured", "expected"), [("auto", True), ("channels_last", True), ("contiguous", False)])
+def test_views_memory_format_reaches_the_teacher(configured, expected):
+    adapter = tta.adapt(small_cnn(), "cotta", seed=0, n_views=3, ap=1.0, views_memory_format=configured)
+    seen = []
+    hook = adapter.teacher[0].register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                     and not args[0].is_contiguous()))
+    adapter(batches(1)[0])
+    hook.remove()
+    assert seen[0] is False  # the clean teacher forward keeps the input's format
+    assert seen[1:] == [expected] * 3  # one forward per view on CPU (auto views_per_forward)
+
+
+def test_views_memory_format_is_validated():
+    with pytest.raises(ConfigError, match="views_memory_format"):
+        CottaConfig(views_memory_format="nhwc")
 
 
 def test_ghost_bn_batched_views_equal_separate_forwards():

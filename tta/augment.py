@@ -117,20 +117,32 @@ class CottaAugment:
         """Augment batch `x` (B, C, H, W) with each of the V views in `params`: (V, B, C, H, W)."""
         if x.dim() != 4:
             raise InvalidInputError(f"augment: expected (B, C, H, W), got shape {tuple(x.shape)}")
+        # Grey RGB images (R = G = B, e.g. Fashion-MNIST as RGB) stay grey through every op before
+        # the noise: hue is an identity on them, contrast and saturation use their luma, the other
+        # ops act on each channel alike. So such a batch is transformed as one channel standing for
+        # all three (luma computed as from three equal channels) and expanded before the
+        # per-channel noise: the values of the three-channel transform, a third of the work.
+        c = x.shape[1]
+        grey_rgb = c == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
+        if grey_rgb:
+            views = self._transform(x[:, :1], params, replicated_rgb=True).expand(-1, -1, 3, -1, -1)
+        else:
+            views = self._transform(x, params)
+        if noise is None:
+            return views.clamp(0, 1)
+        return (views + noise).clamp_(0, 1)
+
+    def _transform(self, x: torch.Tensor, params: AugmentParams, replicated_rgb: bool = False) -> torch.Tensor:
+        """Everything but the noise and the final clip: colour jitter, warp + blur + crop, flip.
+        `replicated_rgb`: x has one channel standing for three equal RGB channels."""
         v = len(params)
-        # Hue rotation is exactly the identity on grey images (R = G = B stays so through the
-        # other colour ops), so it is skipped for them: same result, ~20 fewer passes per view.
-        grey = x.shape[1] == 1 or (x.shape[1] == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all()))
         views = x.clamp(0, 1).unsqueeze(0).expand(v, *x.shape)
-        views = self._color_jitter(views, params, skip_hue=grey)
+        views = self._color_jitter(views, params, replicated_rgb)
         p = _to(params, x)
         views = self._warp_blur_crop(views, p)
-        views = torch.where(p.flip.view(v, 1, 1, 1, 1), views.flip(-1), views)
-        if noise is not None:
-            views = views + noise
-        return views.clamp_(0, 1)
+        return torch.where(p.flip.view(v, 1, 1, 1, 1), views.flip(-1), views)
 
-    def _color_jitter(self, views: torch.Tensor, params: AugmentParams, skip_hue: bool) -> torch.Tensor:
+    def _color_jitter(self, views: torch.Tensor, params: AugmentParams, replicated_rgb: bool) -> torch.Tensor:
         """The 5 colour ops in each view's own order: at stage k, view i runs op order[i, k].
 
         Views are grouped by the op they run at each stage (host-side indices: the parameters live
@@ -139,7 +151,9 @@ class CottaAugment:
         v, c = views.shape[0], views.shape[2]
         order = params.order.tolist()
         factors = params.factors.to(device=views.device, dtype=views.dtype)
-        skipped = {2, 3} if c != 3 else ({3} if skip_hue else set())  # identities on grey images
+        ops = _REPLICATED_RGB_OPS if replicated_rgb else _COLOR_OPS
+        # identities: saturation and hue on true one-channel images, hue on grey RGB ones
+        skipped = {3} if replicated_rgb else ({2, 3} if c != 3 else set())
         for stage in range(N_COLOR_OPS):
             groups: dict[int, list[int]] = {}
             for i in range(v):
@@ -147,13 +161,13 @@ class CottaAugment:
             if len(groups) == 1:
                 ((op, idx),) = groups.items()
                 if op not in skipped:
-                    views = _COLOR_OPS[op](views, factors[idx, op].view(-1, 1, 1, 1, 1))
+                    views = ops[op](views, factors[idx, op].view(-1, 1, 1, 1, 1))
                 continue
             out = torch.empty(views.shape, device=views.device, dtype=views.dtype)
             for op, idx in groups.items():
                 index = torch.tensor(idx, device=views.device)
                 src = views.index_select(0, index)
-                res = src if op in skipped else _COLOR_OPS[op](src, factors[idx, op].view(-1, 1, 1, 1, 1))
+                res = src if op in skipped else ops[op](src, factors[idx, op].view(-1, 1, 1, 1, 1))
                 out.index_copy_(0, index, res)
             views = out
         return views
@@ -200,6 +214,21 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
 
 
+def _luma_replicated(x: torch.Tensor) -> torch.Tensor:
+    """`_grey` of an RGB image whose three channels all equal the one channel of `x` (same
+    arithmetic as the three-channel formula, so the same values)."""
+    return GRAY_WEIGHTS[0] * x + GRAY_WEIGHTS[1] * x + GRAY_WEIGHTS[2] * x
+
+
+def _contrast_replicated(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = _luma_replicated(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return torch.lerp(mean.expand_as(x), x, f).clamp_(0, 1)
+
+
+def _saturation_replicated(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return torch.lerp(_luma_replicated(x), x, f).clamp_(0, 1)
+
+
 def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return torch.mul(x, f).clamp_(0, 1)
 
@@ -239,6 +268,7 @@ def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 _COLOR_OPS = (_brightness, _contrast, _saturation, _hue, _gamma)
+_REPLICATED_RGB_OPS = (_brightness, _contrast_replicated, _saturation_replicated, _hue, _gamma)
 
 
 def stack_views(views: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ Two execution paths with the same results (tested against each other):
   confident), restore masks are drawn per parameter on the CPU, the EMA is a Python loop.
 - fast path (default): augmentation only when the anchor is unconfident (the later reference code
   checks first; same result), the views run as batched forwards of ``views_per_forward`` views with
-  per-view ("ghost") BatchNorm statistics (equal to separate forwards), batched augmentation,
+  per-view ("ghost") BatchNorm statistics (equal to separate forwards), batched augmentation, the
+  views fed channels_last on CPUs (oneDNN's native layout; same values to fp32 rounding),
   `torch._foreach_*` EMA and one on-device draw for all restore masks.
 
 The random draws are identical by construction: every step draws one seed from the adapter's CPU
@@ -54,6 +55,8 @@ from tta.augment import CottaAugment, stack_views
 from tta.errors import ConfigError
 from tta.layers import calibrated_layers, replace_batchnorms
 
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
 
 @dataclass
 class CottaConfig(OptimConfig):
@@ -70,6 +73,10 @@ class CottaConfig(OptimConfig):
         bigger batch runs no faster and ghost BN costs more than the fused per-view BatchNorm
         (timm resnet50, 2 views x 16 images at 224 px: 16.3 s batched vs 13.8 s separate on the
         2-core box). Lower it to bound memory (large images).
+    views_memory_format: memory format of the augmented views fed to the teacher on the fast path:
+        ``channels_last``, ``contiguous`` (NCHW) or ``auto`` = channels_last on CPUs (oneDNN's
+        convolutions run NHWC natively: 1.24x faster CoTTA steps for ResNet-20, B=200, N=32 on the
+        2-core box, outputs within 3e-6 of NCHW), the input's format elsewhere.
     """
 
     ema_momentum: float = 0.999
@@ -79,6 +86,7 @@ class CottaConfig(OptimConfig):
     loss: Literal["soft_ce", "symmetric_ce"] = "soft_ce"
     reference_mode: bool = False
     views_per_forward: int = 0
+    views_memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cifar10": {"optimizer": "adam", "lr": 1e-3, "restore_prob": 0.01, "ap": 0.92, "loss": "soft_ce"},
@@ -99,6 +107,9 @@ class CottaConfig(OptimConfig):
             raise ConfigError(f"n_views must be >= 1, got {self.n_views}")
         if self.views_per_forward < 0:
             raise ConfigError(f"views_per_forward must be >= 0 (0 = all views), got {self.views_per_forward}")
+        if self.views_memory_format not in MEMORY_FORMATS:
+            raise ConfigError(f"views_memory_format must be one of {', '.join(MEMORY_FORMATS)}, "
+                              f"got {self.views_memory_format!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
@@ -160,6 +171,7 @@ class CoTTA(TeacherStudentAdapter):
         cfg: CottaConfig = self.config  # type: ignore[assignment]
         n = cfg.n_views
         chunk = views_per_forward(cfg.views_per_forward, n, x.device)
+        channels_last = views_channels_last(cfg.views_memory_format, x)
         params = self.augment.draw(n, tuple(x.shape[-2:]), param_gen)
         total = None
         for start in range(0, n, chunk):
@@ -168,7 +180,10 @@ class CoTTA(TeacherStudentAdapter):
             for layer in self._teacher_bn:
                 layer.ghost_groups = k
             try:
-                logits = self.teacher(stack_views(views)).view(k, x.shape[0], -1)
+                batch = stack_views(views)
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                logits = self.teacher(batch).view(k, x.shape[0], -1)
             finally:
                 for layer in self._teacher_bn:
                     layer.ghost_groups = 1
@@ -197,6 +212,13 @@ def views_per_forward(configured: int, n_views: int, device: torch.device) -> in
     return 1 if device.type == "cpu" else n_views
 
 
+def views_channels_last(configured: str, x: torch.Tensor) -> bool:
+    """Whether the fast path feeds the views channels_last: as configured, or auto (CPU, 4-D)."""
+    if x.dim() != 4 or configured == "contiguous":
+        return False
+    return configured == "channels_last" or x.device.type == "cpu"
+
+
 @torch.no_grad()
 def confidence_threshold(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
                          quantile: float = 0.05, margin: float = 0.05) -> float:
@@ -214,4 +236,4 @@ def confidence_threshold(model: nn.Module, images: torch.Tensor, batch_size: int
     return float(torch.quantile(conf, quantile)) - margin
 
 
-__all__ = ["CoTTA", "CottaConfig", "confidence_threshold", "views_per_forward"]
+__all__ = ["CoTTA", "CottaConfig", "confidence_threshold", "views_channels_last", "views_per_forward"]
