@@ -56,9 +56,12 @@ def anchor_confidences(model: nn.Module, xs: list[torch.Tensor]) -> list[float]:
 
 
 @pytest.mark.parametrize("memory_format", ["auto", "contiguous"])
-@pytest.mark.parametrize("case", ["always", "mixed", "never"])
+@pytest.mark.parametrize("case", ["always", "mixed", "never", "always-grey"])
 def test_fast_path_equals_reference_mode(case, memory_format):
     model, xs = small_cnn(), batches(b=6, size=8)
+    if case.endswith("-grey"):  # R = G = B: the fast path augments one channel, the reference three
+        case = case.removesuffix("-grey")
+        xs = [x[:, :1].expand_as(x).contiguous() for x in xs]
     conf = sorted(anchor_confidences(model, xs))
     ap = {"always": 1.0, "never": 0.0, "mixed": (conf[2] + conf[3]) / 2}[case]
     # 5 views in chunks of 4 + 1; auto = channels_last views on CPU

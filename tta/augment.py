@@ -113,8 +113,10 @@ class CottaAugment:
         ).mul_(self.ranges.noise_std).to(x.device)
 
     # ------------------------------------------------------------------ application
-    def apply(self, x: torch.Tensor, params: AugmentParams, noise: torch.Tensor | None) -> torch.Tensor:
-        """Augment batch `x` (B, C, H, W) with each of the V views in `params`: (V, B, C, H, W)."""
+    def apply(self, x: torch.Tensor, params: AugmentParams, noise: torch.Tensor | None,
+              grey_shortcut: bool = True) -> torch.Tensor:
+        """Augment batch `x` (B, C, H, W) with each of the V views in `params`: (V, B, C, H, W).
+        ``grey_shortcut=False`` always runs the literal three-channel transform (reference_mode)."""
         if x.dim() != 4:
             raise InvalidInputError(f"augment: expected (B, C, H, W), got shape {tuple(x.shape)}")
         # Grey RGB images (R = G = B, e.g. Fashion-MNIST as RGB) stay grey through every op before
@@ -123,7 +125,7 @@ class CottaAugment:
         # all three (luma computed as from three equal channels) and expanded before the
         # per-channel noise: the values of the three-channel transform, a third of the work.
         c = x.shape[1]
-        grey_rgb = c == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
+        grey_rgb = grey_shortcut and c == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
         if grey_rgb:
             views = self._transform(x[:, :1], params, replicated_rgb=True).expand(-1, -1, 3, -1, -1)
         else:

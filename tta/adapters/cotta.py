@@ -15,12 +15,14 @@ Two execution paths with the same results (tested against each other):
 
 - ``reference_mode=True``: the literal algorithm of the original CIFAR code: the 32 augmented
   teacher passes are always computed as 32 separate forwards (and discarded when the anchor is
-  confident), restore masks are drawn per parameter on the CPU, the EMA is a Python loop.
+  confident), each view is augmented on all three channels (no grey-image shortcut), restore masks
+  are drawn per parameter on the CPU, the EMA is a Python loop.
 - fast path (default): augmentation only when the anchor is unconfident (the later reference code
   checks first; same result), the views run as batched forwards of ``views_per_forward`` views with
-  per-view ("ghost") BatchNorm statistics (equal to separate forwards), batched augmentation, the
-  views fed channels_last on CPUs (oneDNN's native layout; same values to fp32 rounding),
-  `torch._foreach_*` EMA and one on-device draw for all restore masks.
+  per-view ("ghost") BatchNorm statistics (equal to separate forwards), batched augmentation (grey
+  RGB batches augmented as one channel, bit-identical), the views fed channels_last on CPUs
+  (oneDNN's native layout; same values to fp32 rounding), `torch._foreach_*` EMA and one on-device
+  draw for all restore masks.
 
 The random draws are identical by construction: every step draws one seed from the adapter's CPU
 generator; the augmentation parameters of all views come from a generator seeded with it, then the
@@ -200,7 +202,8 @@ class CoTTA(TeacherStudentAdapter):
         params = self.augment.draw(cfg.n_views, tuple(x.shape[-2:]), param_gen)
         outputs = []
         for i in range(cfg.n_views):
-            view = self.augment.apply(x, params.views(i, i + 1), self.augment.noise(1, x, noise_gen))[0]
+            noise = self.augment.noise(1, x, noise_gen)
+            view = self.augment.apply(x, params.views(i, i + 1), noise, grey_shortcut=False)[0]
             outputs.append(self.teacher(view).detach())
         return torch.stack(outputs).mean(0)
 
