@@ -322,10 +322,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in
   TORCH_CHECK(x_in.numel() > 0, "bn_calibrate: empty input");
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const int64_t S = x_in.numel() / (N * C);
-  const auto cl_format = x_in.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-  const bool channels_last = x_in.dim() >= 4 && x_in.dim() <= 5 && !x_in.is_contiguous() &&
-                             x_in.is_contiguous(cl_format);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const BnLayout layout = bn_layout(x_in);
+  const bool channels_last = layout.channels_last;
+  const at::Tensor& x = layout.x;
   at::Tensor y = at::empty_like(x);  // dense input: same strides (NCHW or channels_last)
   at::Tensor batch_mean = at::empty({C}, x.options().dtype(at::kFloat));
   at::Tensor batch_var = at::empty({C}, x.options().dtype(at::kFloat));
@@ -386,11 +385,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_backward_cpu(
   TORCH_CHECK(x_in.numel() > 0, "bn_calibrate_backward: empty input");
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const int64_t S = x_in.numel() / (N * C);
-  const auto cl_format = x_in.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-  const bool channels_last = x_in.dim() >= 4 && x_in.dim() <= 5 && !x_in.is_contiguous() &&
-                             x_in.is_contiguous(cl_format);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(channels_last ? cl_format : at::MemoryFormat::Contiguous);
+  const BnLayout layout = bn_layout(x_in);
+  const bool channels_last = layout.channels_last;
+  const at::Tensor& x = layout.x;
+  const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(layout.format);
   at::Tensor dx = at::empty_like(x);
   at::Tensor grad_weight = at::empty({C}, x.options().dtype(at::kFloat));
   at::Tensor grad_bias = at::empty({C}, x.options().dtype(at::kFloat));

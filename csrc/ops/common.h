@@ -47,6 +47,22 @@ inline void check_bn_args(const at::Tensor& x, const at::Tensor& mean, const at:
   }
 }
 
+// The dense layout a BatchNorm kernel runs on: a channels_last (4-D) / channels_last_3d (5-D)
+// input as given, anything else made contiguous (NCHW). Outputs and gradients follow `format`.
+struct BnLayout {
+  at::Tensor x;
+  bool channels_last;
+  at::MemoryFormat format;
+};
+
+inline BnLayout bn_layout(const at::Tensor& x_in) {
+  const auto cl_format = x_in.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  const bool channels_last = x_in.dim() >= 4 && x_in.dim() <= 5 && !x_in.is_contiguous() &&
+                             x_in.is_contiguous(cl_format);
+  if (channels_last) return {x_in, true, cl_format};
+  return {x_in.contiguous(), false, at::MemoryFormat::Contiguous};
+}
+
 inline void check_knn_args(const at::Tensor& q, const at::Tensor& mem, const at::Tensor& labels,
                            int64_t num_classes, int64_t k, double temperature) {
   TORCH_CHECK(q.dim() == 2, "knn_vote: queries must be (B, D), got ", q.dim(), " dims");
