@@ -114,9 +114,12 @@ class CottaAugment:
 
     # ------------------------------------------------------------------ application
     def apply(self, x: torch.Tensor, params: AugmentParams, noise: torch.Tensor | None,
-              grey_shortcut: bool = True) -> torch.Tensor:
+              grey_rgb: bool | None = None) -> torch.Tensor:
         """Augment batch `x` (B, C, H, W) with each of the V views in `params`: (V, B, C, H, W).
-        ``grey_shortcut=False`` always runs the literal three-channel transform (reference_mode)."""
+
+        `grey_rgb`: whether x is a grey RGB batch (`is_grey_rgb`; None = check here). Callers that
+        augment the same batch in several chunks check once; False always runs the literal
+        three-channel transform (reference_mode)."""
         if x.dim() != 4:
             raise InvalidInputError(f"augment: expected (B, C, H, W), got shape {tuple(x.shape)}")
         # Grey RGB images (R = G = B, e.g. Fashion-MNIST as RGB) stay grey through every op before
@@ -124,8 +127,8 @@ class CottaAugment:
         # ops act on each channel alike. So such a batch is transformed as one channel standing for
         # all three (luma computed as from three equal channels) and expanded before the
         # per-channel noise: the values of the three-channel transform, a third of the work.
-        c = x.shape[1]
-        grey_rgb = grey_shortcut and c == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
+        if grey_rgb is None:
+            grey_rgb = is_grey_rgb(x)
         if grey_rgb:
             views = self._transform(x[:, :1], params, replicated_rgb=True).expand(-1, -1, 3, -1, -1)
         else:
@@ -199,6 +202,11 @@ class CottaAugment:
         flat = F.conv2d(flat, taps.view(-1, 1, BLUR_TAPS, 1), groups=v * b * c)
         flat = F.conv2d(flat, taps.view(-1, 1, 1, BLUR_TAPS), groups=v * b * c)
         return flat.view(v, b, c, h, w)
+
+
+def is_grey_rgb(x: torch.Tensor) -> bool:
+    """Whether the (B, 3, H, W) batch `x` has R = G = B in every pixel."""
+    return x.shape[1] == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
 
 
 def _to(p: AugmentParams, x: torch.Tensor) -> AugmentParams:
@@ -278,4 +286,4 @@ def stack_views(views: torch.Tensor) -> torch.Tensor:
     return views.reshape(-1, *views.shape[2:])
 
 
-__all__ = ["AugmentParams", "AugmentRanges", "CottaAugment", "stack_views"]
+__all__ = ["AugmentParams", "AugmentRanges", "CottaAugment", "is_grey_rgb", "stack_views"]

@@ -53,7 +53,7 @@ from torch import nn
 from tta.adapters.config import OptimConfig
 from tta.adapters.registry import register_adapter
 from tta.adapters.teacher import LOSSES, TeacherStudentAdapter
-from tta.augment import CottaAugment, stack_views
+from tta.augment import CottaAugment, is_grey_rgb, stack_views
 from tta.errors import ConfigError
 from tta.layers import calibrated_layers, replace_batchnorms
 
@@ -174,11 +174,13 @@ class CoTTA(TeacherStudentAdapter):
         n = cfg.n_views
         chunk = views_per_forward(cfg.views_per_forward, n, x.device)
         channels_last = views_channels_last(cfg.views_memory_format, x)
+        grey = is_grey_rgb(x)  # once per batch, not per chunk of views
         params = self.augment.draw(n, tuple(x.shape[-2:]), param_gen)
         total = None
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
-            views = self.augment.apply(x, params.views(start, start + k), self.augment.noise(k, x, noise_gen))
+            noise = self.augment.noise(k, x, noise_gen)
+            views = self.augment.apply(x, params.views(start, start + k), noise, grey)
             for layer in self._teacher_bn:
                 layer.ghost_groups = k
             try:
@@ -203,7 +205,7 @@ class CoTTA(TeacherStudentAdapter):
         outputs = []
         for i in range(cfg.n_views):
             noise = self.augment.noise(1, x, noise_gen)
-            view = self.augment.apply(x, params.views(i, i + 1), noise, grey_shortcut=False)[0]
+            view = self.augment.apply(x, params.views(i, i + 1), noise, grey_rgb=False)[0]
             outputs.append(self.teacher(view).detach())
         return torch.stack(outputs).mean(0)
 

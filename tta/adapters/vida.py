@@ -54,7 +54,7 @@ from tta.adapters.config import OptimConfig
 from tta.adapters.registry import register_adapter
 from tta.adapters.teacher import LOSSES, TeacherStudentAdapter, augmentation_uncertainty, ema_update_
 from tta.adapters.cotta import views_per_forward
-from tta.augment import CottaAugment, stack_views
+from tta.augment import CottaAugment, is_grey_rgb, stack_views
 from tta.errors import ConfigError, DataNotFoundError, NoAdaptableLayerError
 from tta.layers import calibrated_layers, replace_batchnorms
 
@@ -342,10 +342,12 @@ class ViDA(TeacherStudentAdapter):
         n = cfg.n_views
         chunk = views_per_forward(cfg.views_per_forward, n, x.device)
         params = self.augment.draw(n, tuple(x.shape[-2:]), param_gen)
+        grey = is_grey_rgb(x)  # once per batch, not per chunk of views
         parts = []
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
-            views = self.augment.apply(x, params.views(start, start + k), self.augment.noise(k, x, noise_gen))
+            noise = self.augment.noise(k, x, noise_gen)
+            views = self.augment.apply(x, params.views(start, start + k), noise, grey)
             for layer in self._teacher_bn:
                 layer.ghost_groups = k
             try:
