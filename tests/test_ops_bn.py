@@ -153,6 +153,31 @@ def test_gradients_match_reference(layout, source_weight):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradients_of_the_source_statistics_match_reference(affine):
+    """Rarely needed (source statistics are buffers), but the C++ autograd formula provides them."""
+    x = make_input((5, 6, 4, 3), "contiguous", torch.float32, "cpu")
+    mean, var, w, b = make_stats(6, "cpu")
+    grads = []
+    for fn in (lambda *a: torch.ops.tta.bn_calibrate(*a)[0], reference.bn_calibrate):
+        xs, ms, vs = (t.detach().clone().requires_grad_() for t in (x, mean, var))
+        y = fn(xs, ms, vs, w if affine else None, b if affine else None, 0.4, 1e-5)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append((xs.grad, ms.grad, vs.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_needed_gradients_are_produced():
+    x = make_input((4, 3, 2, 2), "contiguous", torch.float32, "cpu").requires_grad_()
+    mean, var, w, b = make_stats(3, "cpu")
+    w.requires_grad_()
+    y, bm, bv = torch.ops.tta.bn_calibrate(x, mean, var, w, b, 0.0, 1e-5)
+    assert not bm.requires_grad and not bv.requires_grad  # statistics are non-differentiable
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None and b.grad is None and mean.grad is None
+
+
 def test_calibrated_layer_uses_op_and_backprops():
     bn = nn.BatchNorm2d(12)
     bn.running_mean.normal_()

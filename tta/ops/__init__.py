@@ -11,7 +11,7 @@ Every op dispatches to the compiled library `tta._C` when it is loaded and has a
 input's device (CPU always, CUDA when built with CUDA), and to the torch reference otherwise.
 `backend()` names what is active. ``TTA_DISABLE_C=1`` forces the torch reference (benchmarks,
 debugging). Calls that need gradients through the kNN op use the (differentiable) reference; the
-BN op has a registered backward formula.
+BN op has a backward (C++ autograd over a fused backward kernel).
 """
 
 from __future__ import annotations
