@@ -274,17 +274,17 @@ def main() -> None:
         ap.error(f"unknown mode(s) {', '.join(unknown)}")
 
     times: dict[str, list[float]] = {m: [] for m in runners}
-    start = 0 if args.no_warmup else 1
-    for i in range(start, args.batches + 1):
+    first = 1 if args.no_warmup else 0  # batch 0: one untimed warm-up step per mode
+    for i in range(first, args.batches + 1):
         for name, fn in runners.items():
             sync()
             t = time.perf_counter()
-            fn(x_all[i if i else 0])
+            fn(x_all[i])
             sync()
             elapsed = time.perf_counter() - t
-            if i >= 1 or args.no_warmup:
+            if i >= 1:
                 times[name].append(elapsed)
-            print(f"batch {i} {name}: {elapsed:.3f} s", flush=True)
+            print(f"batch {i}{' (warm-up, untimed)' if i == 0 else ''} {name}: {elapsed:.3f} s", flush=True)
     med = {m: statistics.median(v) for m, v in times.items() if v}
     result = {
         "model": described, "batch": args.batch, "size": args.size, "views": args.views,
