@@ -4,7 +4,8 @@
     .venv/bin/python bench/bench_ops.py runs/bench_ops.json      # ratio table (same run)
 
 Groups pair the implementations measured side by side in one run:
-- bn-<shape>: `tta.ops.bn_calibrate` (fused op) vs `composite` (var_mean + mixing + batch_norm), fp32.
+- bn-<shape>: `tta.ops.bn_calibrate` (fused op) vs `composite` (var_mean + mixing + batch_norm), fp32;
+  bn-cl-<shape>: the same on channels_last input.
 - bn-train-<shape>: forward + backward with batch statistics (TENT's path): the op with its fused
   backward kernel (`op`) vs `F.batch_norm(training=True)` (`composite`).
 - knn-M<m>-D<d>-B<b>: `tta.ops.knn_vote` vs `torch` (matmul + topk + softmax + scatter_add) vs
@@ -35,12 +36,15 @@ def composite_bn(x, rm, rv, w, b, a, eps):
 
 
 @pytest.mark.parametrize("impl", ["op", "composite"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bn_calibrate(benchmark, shape, impl):
+def test_bn_calibrate(benchmark, shape, layout, impl):
     if impl == "op" and tta.ops.backend() == "torch":
         pytest.skip("tta._C not built")
-    benchmark.group = "bn-" + "x".join(map(str, shape))
+    benchmark.group = f"bn-{'cl-' if layout == 'cl' else ''}" + "x".join(map(str, shape))
     x = torch.randn(shape)
+    if layout == "cl":  # channels_last: the composite's batch_norm runs PyTorch's native NHWC kernel
+        x = x.contiguous(memory_format=torch.channels_last)
     c = shape[1]
     rm, rv, w, b = torch.randn(c), torch.rand(c) + 0.5, torch.rand(c), torch.randn(c)
     fn = tta.ops.bn_calibrate if impl == "op" else composite_bn
@@ -50,16 +54,20 @@ def test_bn_calibrate(benchmark, shape, impl):
 
 
 @pytest.mark.parametrize("impl", ["op", "composite"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("shape", BN_SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
-def test_bn_train_step(benchmark, shape, impl):
+def test_bn_train_step(benchmark, shape, layout, impl):
     if impl == "op" and tta.ops.backend() == "torch":
         pytest.skip("tta._C not built")
-    benchmark.group = "bn-train-" + "x".join(map(str, shape))
-    x = torch.randn(shape, requires_grad=True)
+    benchmark.group = f"bn-train-{'cl-' if layout == 'cl' else ''}" + "x".join(map(str, shape))
+    x = torch.randn(shape)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     c = shape[1]
     rm, rv = torch.zeros(c), torch.ones(c)
     w, b = torch.rand(c, requires_grad=True), torch.randn(c, requires_grad=True)
-    gy = torch.randn(shape)
+    gy = torch.randn(shape).contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
 
     def step():
         if impl == "op":

@@ -96,6 +96,31 @@ def test_statistics_stable_with_large_offset(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", ["offset", "first-sample-outlier", "tiny-variance"])
+def test_statistics_accurate_when_the_first_values_are_unrepresentative(device, layout, case):
+    # The CPU kernels shift their one-pass sums by a reference taken from the first plane / row
+    # block; data whose first sample or first rows sit far from the rest must not cost accuracy.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 32, 32, generator=g, dtype=torch.float64)
+    if case == "offset":
+        x += 1e4
+    elif case == "first-sample-outlier":
+        x[0] += 100
+        x[:, :, :2] += 30
+    else:
+        x = x * 1e-3 + 5
+    xf = x.float().to(device).contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                         else torch.contiguous_format)
+    mean, var, _, _ = make_stats(8, device)
+    _, bm, bv = torch.ops.tta.bn_calibrate(xf, mean, var, None, None, 0.0, 1e-5)
+    exact = xf.double()
+    cpu = torch.device(device).type == "cpu"  # the CUDA kernels keep the looser bound of the test above
+    torch.testing.assert_close(bv.double(), exact.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5 if cpu else 2e-3, atol=0)
+    torch.testing.assert_close(bm.double(), exact.mean(dim=(0, 2, 3)), rtol=1e-6 if cpu else 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,layout", [((8, 19, 7, 5), "contiguous"), ((8, 19, 7, 5), "channels_last"), ((16, 33), "contiguous")])
 def test_update_variant_moves_running_stats(shape, layout, device):
     x = make_input(shape, layout, torch.float32, device)
@@ -189,6 +214,26 @@ def test_calibrated_layer_uses_op_and_backprops():
     assert_close(y, y_ref, torch.float32)
     y.square().mean().backward()
     assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("source_weight", [0.0, 0.25])
+def test_layer_dispatch_between_op_and_native_batch_norm(monkeypatch, layout, source_weight):
+    # Batch statistics only (a = 0) on channels_last CPU input go to PyTorch's native kernel (measured
+    # faster there); everything else with a compiled kernel goes to the op. Same values either way.
+    layer = CalibratedBatchNorm.from_batchnorm(nn.BatchNorm2d(12), source_weight=source_weight)
+    x = torch.randn(8, 12, 6, 6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    op = tta.ops.bn_calibrate
+    monkeypatch.setattr(tta.ops, "bn_calibrate", lambda *a, **k: calls.append(1) or op(*a, **k))
+    y = layer(x)
+    native = layout == "channels_last" and source_weight == 0.0
+    assert bool(calls) != native
+    y_ref = reference.bn_calibrate(x, layer.running_mean, layer.running_var, layer.weight, layer.bias,
+                                   source_weight, layer.eps)
+    assert_close(y, y_ref, torch.float32)
 
 
 def test_bad_input_raises_clear_errors():

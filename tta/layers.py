@@ -29,6 +29,18 @@ from tta import ops
 from tta.errors import BatchTooSmallError, NoAdaptableLayerError
 
 
+def _op_beats_native_batch_stats(x: torch.Tensor) -> bool:
+    """Whether `tta.ops.bn_calibrate` with source weight 0 is the faster way to normalise `x` with
+    its batch statistics: yes where it has a kernel, except channels_last input on the CPU, where
+    PyTorch's native NHWC batch norm measured faster (BENCHMARKS.md, "Kernels on the CPU")."""
+    if not ops.has_kernel(x):
+        return False
+    if x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return True
+
+
 class CalibratedBatchNorm(nn.Module):
     """BatchNorm over mixed source/test-batch statistics; a drop-in for `nn.BatchNorm{1,2,3}d`.
 
@@ -107,10 +119,9 @@ class CalibratedBatchNorm(nn.Module):
             y = self._ghost_forward(x, a)
         else:
             _check_batch_size(x, 1)
-            if a == 0.0 and not ops.has_kernel(x):
-                # Pure batch statistics without the compiled op: PyTorch's training-mode kernel.
-                # (With the op, its fused forward and registered backward are faster on CPU:
-                # bench/bench_ops.py.)
+            if a == 0.0 and not _op_beats_native_batch_stats(x):
+                # Pure batch statistics: PyTorch's training-mode kernel, where the compiled op is
+                # missing or measured slower (bench/bench_ops.py, BENCHMARKS.md).
                 y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             else:
                 # Compiled kernel when available for this input, else the torch composite (the oracle).

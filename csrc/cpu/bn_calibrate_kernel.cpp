@@ -1,11 +1,12 @@
 // CPU kernels of tta::bn_calibrate / tta::bn_calibrate_update.
 //
-// Statistics are a two-level reduction: each cache-sized chunk gets its exact mean and sum of
-// squared deviations (two passes over data already in L1), and chunks are merged with Chan's
-// parallel formula in double, so fp16/bf16 inputs and large N*H*W stay accurate with fp32 loops.
-// NCHW: one task per channel computes the statistics and immediately writes the output of that
-// channel, whose data is then still in cache. channels_last (and (N, C) inputs): per-thread
-// per-channel partials over row blocks, merged, then a row-parallel affine pass.
+// Statistics are two-level reductions that stay accurate for fp16/bf16 inputs and large N*H*W with
+// fp32 vector loops: fp32 within a cache-sized chunk, double across chunks and threads.
+// Sums are shifted by a per-channel reference K near the channel's mean (the exact mean of a first
+// plane or row block), so one pass gives sum(x - K) and sum((x - K)^2) without the cancellation of
+// raw moments. NCHW: memory-order sweeps over the N * C planes (one for the statistics, one for the
+// output). channels_last (and (N, C) inputs): per-thread per-channel partials over row blocks, then
+// a row-parallel affine pass.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -25,19 +26,34 @@
 namespace tta::cpu {
 namespace {
 
-constexpr int64_t kChunk = 4096;  // floats per chunk: 16 KiB, stays in L1 for the second pass
+constexpr int64_t kChunk = 4096;  // values per fp32 partial sum (16 KiB); also the fp16/bf16 conversion buffer
 
+// Rows of a row-major (R, C) block: at least kMinRows, so that the per-block bookkeeping (zeroing
+// and folding C partial sums) stays small next to the block's data work when C is large; a block
+// holds up to 16K floats (64 KiB).
+constexpr int64_t kMinRows = 64;
+inline int64_t rows_per_block(int64_t C) {
+  return std::max<int64_t>({1, kChunk / C, std::min<int64_t>(kMinRows, 4 * kChunk / C)});
+}
+
+// Work split of an NCHW plane sweep: 4 parts per thread, fewer when C is large so that the
+// per-part lane partials (2 x parts x C x kLanes doubles) stay within ~4 MiB, but never fewer
+// parts than threads.
+inline int64_t plane_parts(int64_t planes, int64_t C) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t by_memory = std::max<int64_t>(threads, (int64_t{1} << 18) / (C * kLanes));
+  return std::max<int64_t>(1, std::min<int64_t>({planes, 4 * threads, by_memory}));
+}
+
+// Count, mean and sum of squared deviations of n values, from sums shifted by a reference k:
+// s1 = sum(x - k), s2 = sum((x - k)^2).
 struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  void merge(double nb, double mb, double m2b) {
-    if (nb == 0) return;
-    const double total = n + nb;
-    const double delta = mb - mean;
-    mean += delta * nb / total;
-    m2 += m2b + delta * delta * n * nb / total;
-    n = total;
-  }
+  double n, mean, m2;
 };
+
+inline Moments shifted_moments(double n, double k, double s1, double s2) {
+  return {n, k + s1 / n, std::max(0.0, s2 - s1 * s1 / n)};
+}
 
 // Per-channel finalisation: batch statistics, mixing, scale/shift, optional running update.
 struct Finalizer {
@@ -91,30 +107,61 @@ inline void affine_out(const scalar_t* x, scalar_t* y, int64_t n, float scale, f
   }
 }
 
-// NCHW with S = prod(spatial) > 1: one task per channel.
+// NCHW with S = prod(spatial) > 1: the N * C planes of S values are swept in memory order (the
+// hardware prefetchers follow one linear stream; a per-channel walk jumps C * S values every S).
+// Plane sums are shifted by a per-channel reference K (the mean of the channel's first plane), so
+// one pass gives sum(x - K) and sum((x - K)^2) without the cancellation of raw moments: fp32 within
+// a chunk, double across chunks and threads.
 template <typename scalar_t>
 void run_nchw(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, const Finalizer& fin) {
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t planes = N * C;
+  const int64_t parts = plane_parts(planes, C);
+  std::vector<float> ref(C);
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {  // K[c]: exact mean of plane (0, c)
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : kChunk);
     for (int64_t c = c0; c < c1; ++c) {
-      Moments m;
-      for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* row = x + (n * C + c) * S;
+      double sum = 0;
+      for (int64_t off = 0; off < S; off += kChunk) {
+        const int64_t len = std::min(kChunk, S - off);
+        sum += simd_sum(as_float(x + c * S + off, len, buf.data()), len);
+      }
+      ref[c] = static_cast<float>(sum / static_cast<double>(S));
+    }
+  });
+  // Per part and channel, kLanes double partials of sum(x - K) and sum((x - K)^2).
+  std::vector<double> part_s1(parts * C * kLanes, 0.0), part_s2(parts * C * kLanes, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : kChunk);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t first = p * planes / parts, last = (p + 1) * planes / parts;
+      for (int64_t plane = first, c = first % C; plane < last; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+        double* l1 = part_s1.data() + (p * C + c) * kLanes;
+        double* l2 = part_s2.data() + (p * C + c) * kLanes;
         for (int64_t off = 0; off < S; off += kChunk) {
           const int64_t len = std::min(kChunk, S - off);
-          const float* p = as_float(row + off, len, buf.data());
-          const float mu = simd_sum(p, len) / static_cast<float>(len);
-          m.merge(static_cast<double>(len), mu, simd_sq_dev(p, len, mu));
+          simd_lanes_shifted_moments(as_float(x + plane * S + off, len, buf.data()), len, ref[c], l1, l2);
         }
       }
-      float scale, shift;
-      fin(c, m, scale, shift);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t base = (n * C + c) * S;
-        for (int64_t off = 0; off < S; off += kChunk) {
-          const int64_t len = std::min(kChunk, S - off);
-          affine_out(x + base + off, y + base + off, len, scale, shift, buf.data());
-        }
+    }
+  });
+  std::vector<float> scale(C), shift(C);
+  const double n = static_cast<double>(N * S);
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        s1 += part_s1[(p * C + c) * kLanes + j];
+        s2 += part_s2[(p * C + c) * kLanes + j];
+      }
+    }
+    fin(c, shifted_moments(n, ref[c], s1, s2), scale[c], shift[c]);
+  }
+  at::parallel_for(0, planes, 16, [&](int64_t q0, int64_t q1) {
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : kChunk);
+    for (int64_t plane = q0, c = q0 % C; plane < q1; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+      for (int64_t off = 0; off < S; off += kChunk) {
+        const int64_t len = std::min(kChunk, S - off);
+        affine_out(x + plane * S + off, y + plane * S + off, len, scale[c], shift[c], buf.data());
       }
     }
   });
@@ -123,44 +170,48 @@ void run_nchw(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, c
 // Row-major (R, C): channels_last, or NCHW with one value per channel and sample.
 template <typename scalar_t>
 void run_rows(const scalar_t* x, scalar_t* y, int64_t R, int64_t C, const Finalizer& fin) {
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / C);
+  const int64_t rows_per_chunk = rows_per_block(C);
   const int64_t n_chunks = (R + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t parts = std::min<int64_t>(n_chunks, 4 * at::get_num_threads());
-  std::vector<double> part_n(parts, 0.0), part_mean(parts * C, 0.0), part_m2(parts * C, 0.0);
-
+  // K[c]: exact mean of the first row block (two passes), the reference of the shifted sums.
+  std::vector<float> ref(C, 0.f);
+  {
+    const int64_t rows = std::min(rows_per_chunk, R);
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : rows * C);
+    simd_col_sum(as_float(x, rows * C, buf.data()), rows, C, ref.data());
+    for (int64_t c = 0; c < C; ++c) ref[c] /= static_cast<float>(rows);
+  }
+  std::vector<double> part_s1(parts * C, 0.0), part_s2(parts * C, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : rows_per_chunk * C);
-    std::vector<float> sum(C), mean(C), m2(C);
+    std::vector<float> s1(C), s2(C);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t chunk_begin = p * n_chunks / parts, chunk_end = (p + 1) * n_chunks / parts;
-      double* pm = part_mean.data() + p * C;
-      double* pq = part_m2.data() + p * C;
-      for (int64_t ch = chunk_begin; ch < chunk_end; ++ch) {
+      double* ps1 = part_s1.data() + p * C;
+      double* ps2 = part_s2.data() + p * C;
+      for (int64_t ch = p * n_chunks / parts; ch < (p + 1) * n_chunks / parts; ++ch) {
         const int64_t r0 = ch * rows_per_chunk;
         const int64_t rows = std::min(rows_per_chunk, R - r0);
-        const float* xf = as_float(x + r0 * C, rows * C, buf.data());
-        std::fill(sum.begin(), sum.end(), 0.f);
-        std::fill(m2.begin(), m2.end(), 0.f);
-        simd_col_sum(xf, rows, C, sum.data());
-        for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / static_cast<float>(rows);
-        simd_col_sq_dev(xf, rows, C, mean.data(), m2.data());
-        // Chan merge of this chunk into the part's accumulators (vector over channels).
-        const double na = part_n[p], nb = static_cast<double>(rows), total = na + nb;
+        std::fill(s1.begin(), s1.end(), 0.f);
+        std::fill(s2.begin(), s2.end(), 0.f);
+        simd_col_shifted_moments(as_float(x + r0 * C, rows * C, buf.data()), rows, C, ref.data(), s1.data(),
+                                 s2.data());
         for (int64_t c = 0; c < C; ++c) {
-          const double delta = mean[c] - pm[c];
-          pm[c] += delta * nb / total;
-          pq[c] += m2[c] + delta * delta * na * nb / total;
+          ps1[c] += s1[c];
+          ps2[c] += s2[c];
         }
-        part_n[p] = total;
       }
     }
   });
 
   std::vector<float> scale(C), shift(C);
+  const double n = static_cast<double>(R);
   for (int64_t c = 0; c < C; ++c) {
-    Moments m;
-    for (int64_t p = 0; p < parts; ++p) m.merge(part_n[p], part_mean[p * C + c], part_m2[p * C + c]);
-    fin(c, m, scale[c], shift[c]);
+    double s1 = 0, s2 = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      s1 += part_s1[p * C + c];
+      s2 += part_s2[p * C + c];
+    }
+    fin(c, shifted_moments(n, ref[c], s1, s2), scale[c], shift[c]);
   }
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
@@ -209,39 +260,57 @@ struct BackwardCoef {
   }
 };
 
+// NCHW backward: the same memory-order plane sweeps as the forward, one for the two per-channel
+// reductions (per-part partials in double) and one for dx.
 template <typename scalar_t>
 void backward_nchw(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t N, int64_t C, int64_t S,
                    const BackwardCoef& coef) {
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    const bool f32 = std::is_same_v<scalar_t, float>;
-    std::vector<float> bg(f32 ? 0 : kChunk), bx(f32 ? 0 : kChunk), bo(f32 ? 0 : kChunk);
-    for (int64_t c = c0; c < c1; ++c) {
-      const float center = coef.mixed_mean(c);
-      double sum_g = 0, sum_gx = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t base = (n * C + c) * S;
+  const int64_t planes = N * C;
+  const int64_t parts = plane_parts(planes, C);
+  const bool f32 = std::is_same_v<scalar_t, float>;
+  std::vector<float> center(C);
+  for (int64_t c = 0; c < C; ++c) center[c] = coef.mixed_mean(c);
+  std::vector<double> part_g(parts * C * kLanes, 0.0), part_gx(parts * C * kLanes, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> bg(f32 ? 0 : kChunk), bx(f32 ? 0 : kChunk);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t first = p * planes / parts, last = (p + 1) * planes / parts;
+      for (int64_t plane = first, c = first % C; plane < last; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+        double* lg = part_g.data() + (p * C + c) * kLanes;
+        double* lgx = part_gx.data() + (p * C + c) * kLanes;
         for (int64_t off = 0; off < S; off += kChunk) {
           const int64_t len = std::min(kChunk, S - off);
-          const float* g = as_float(gy + base + off, len, bg.data());
-          const float* v = as_float(x + base + off, len, bx.data());
-          sum_g += simd_sum(g, len);
-          sum_gx += simd_dot_centered(g, v, len, center);
+          const float* g = as_float(gy + plane * S + off, len, bg.data());
+          const float* v = as_float(x + plane * S + off, len, bx.data());
+          simd_lanes_sum_dot_centered(g, v, len, center[c], lg, lgx);
         }
       }
-      float A, B, K;
-      coef(c, sum_g, sum_gx, A, B, K);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t base = (n * C + c) * S;
-        for (int64_t off = 0; off < S; off += kChunk) {
-          const int64_t len = std::min(kChunk, S - off);
-          const float* g = as_float(gy + base + off, len, bg.data());
-          const float* v = as_float(x + base + off, len, bx.data());
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            simd_axpbyk(g, v, dx + base + off, len, A, B, K);
-          } else {
-            simd_axpbyk(g, v, bo.data(), len, A, B, K);
-            for (int64_t i = 0; i < len; ++i) dx[base + off + i] = static_cast<scalar_t>(bo[i]);
-          }
+    }
+  });
+  std::vector<float> A(C), B(C), K(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double sum_g = 0, sum_gx = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        sum_g += part_g[(p * C + c) * kLanes + j];
+        sum_gx += part_gx[(p * C + c) * kLanes + j];
+      }
+    }
+    coef(c, sum_g, sum_gx, A[c], B[c], K[c]);
+  }
+  at::parallel_for(0, planes, 16, [&](int64_t q0, int64_t q1) {
+    std::vector<float> bg(f32 ? 0 : kChunk), bx(f32 ? 0 : kChunk), bo(f32 ? 0 : kChunk);
+    for (int64_t plane = q0, c = q0 % C; plane < q1; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+      for (int64_t off = 0; off < S; off += kChunk) {
+        const int64_t len = std::min(kChunk, S - off);
+        const int64_t at = plane * S + off;
+        const float* g = as_float(gy + at, len, bg.data());
+        const float* v = as_float(x + at, len, bx.data());
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          simd_axpbyk(g, v, dx + at, len, A[c], B[c], K[c]);
+        } else {
+          simd_axpbyk(g, v, bo.data(), len, A[c], B[c], K[c]);
+          for (int64_t i = 0; i < len; ++i) dx[at + i] = static_cast<scalar_t>(bo[i]);
         }
       }
     }
@@ -251,7 +320,7 @@ void backward_nchw(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
 template <typename scalar_t>
 void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t R, int64_t C,
                    const BackwardCoef& coef) {
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / C);
+  const int64_t rows_per_chunk = rows_per_block(C);
   const int64_t n_chunks = (R + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t parts = std::min<int64_t>(n_chunks, 4 * at::get_num_threads());
   std::vector<float> center(C);
@@ -270,8 +339,7 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
         const float* v = as_float(x + r0 * C, rows * C, bx.data());
         std::fill(sg.begin(), sg.end(), 0.f);
         std::fill(sgx.begin(), sgx.end(), 0.f);
-        simd_col_sum(g, rows, C, sg.data());
-        simd_col_dot_centered(g, v, rows, C, center.data(), sgx.data());
+        simd_col_sum_dot_centered(g, v, rows, C, center.data(), sg.data(), sgx.data());
         for (int64_t c = 0; c < C; ++c) {
           part_g[p * C + c] += sg[c];
           part_gx[p * C + c] += sgx[c];

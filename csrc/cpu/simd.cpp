@@ -15,14 +15,50 @@ TTA_SIMD_CLONES float simd_sum(const float* p, int64_t n) {
   return s;
 }
 
-TTA_SIMD_CLONES float simd_sq_dev(const float* p, int64_t n, float mean) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = p[i] - mean;
-    s += d * d;
+TTA_SIMD_CLONES void simd_lanes_shifted_moments(const float* __restrict p, int64_t n, float shift,
+                                                double* __restrict l1, double* __restrict l2) {
+  float a[kLanes] = {}, b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float d = p[i + j] - shift;
+      a[j] += d;
+      b[j] += d * d;
+    }
   }
-  return s;
+  for (int64_t j = 0; i < n; ++i, ++j) {
+    const float d = p[i] - shift;
+    a[j] += d;
+    b[j] += d * d;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) {
+    l1[j] += a[j];
+    l2[j] += b[j];
+  }
+}
+
+TTA_SIMD_CLONES void simd_lanes_sum_dot_centered(const float* __restrict dy, const float* __restrict x, int64_t n,
+                                                 float center, double* __restrict lg, double* __restrict lgx) {
+  float a[kLanes] = {}, b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      a[j] += dy[i + j];
+      b[j] += dy[i + j] * (x[i + j] - center);
+    }
+  }
+  for (int64_t j = 0; i < n; ++i, ++j) {
+    a[j] += dy[i];
+    b[j] += dy[i] * (x[i] - center);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) {
+    lg[j] += a[j];
+    lgx[j] += b[j];
+  }
 }
 
 TTA_SIMD_CLONES void simd_affine(const float* x, float* y, int64_t n, float scale, float shift) {
@@ -30,21 +66,49 @@ TTA_SIMD_CLONES void simd_affine(const float* x, float* y, int64_t n, float scal
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale + shift;
 }
 
-TTA_SIMD_CLONES void simd_col_sum(const float* x, int64_t rows, int64_t C, float* acc) {
-  for (int64_t r = 0; r < rows; ++r) {
+// The column reductions add kRowUnroll rows per pass over `acc`: with few channels (C = 16 is one
+// AVX-512 vector) a row-at-a-time loop is one long chain of dependent adds through acc[] (add
+// latency + store forwarding per row); summing row groups first cuts that chain kRowUnroll-fold.
+constexpr int64_t kRowUnroll = 4;
+
+TTA_SIMD_CLONES void simd_col_sum(const float* __restrict x, int64_t rows, int64_t C, float* __restrict acc) {
+  int64_t r = 0;
+  for (; r + kRowUnroll <= rows; r += kRowUnroll) {
+    const float* r0 = x + r * C;
+    const float* r1 = r0 + C;
+    const float* r2 = r1 + C;
+    const float* r3 = r2 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += (r0[c] + r1[c]) + (r2[c] + r3[c]);
+  }
+  for (; r < rows; ++r) {
     const float* row = x + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) acc[c] += row[c];
   }
 }
 
-TTA_SIMD_CLONES void simd_col_sq_dev(const float* x, int64_t rows, int64_t C, const float* mean, float* acc) {
-  for (int64_t r = 0; r < rows; ++r) {
+TTA_SIMD_CLONES void simd_col_shifted_moments(const float* __restrict x, int64_t rows, int64_t C,
+                                              const float* __restrict shift, float* __restrict s1,
+                                              float* __restrict s2) {
+  int64_t r = 0;
+  for (; r + kRowUnroll <= rows; r += kRowUnroll) {
+    const float* r0 = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float k = shift[c];
+      const float d0 = r0[c] - k, d1 = r0[C + c] - k, d2 = r0[2 * C + c] - k, d3 = r0[3 * C + c] - k;
+      s1[c] += (d0 + d1) + (d2 + d3);
+      s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; r < rows; ++r) {
     const float* row = x + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const float d = row[c] - mean[c];
-      acc[c] += d * d;
+      const float d = row[c] - shift[c];
+      s1[c] += d;
+      s2[c] += d * d;
     }
   }
 }
@@ -59,25 +123,34 @@ TTA_SIMD_CLONES void simd_col_affine(const float* x, float* y, int64_t rows, int
   }
 }
 
-TTA_SIMD_CLONES float simd_dot_centered(const float* dy, const float* x, int64_t n, float center) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += dy[i] * (x[i] - center);
-  return s;
-}
-
 TTA_SIMD_CLONES void simd_axpbyk(const float* dy, const float* x, float* out, int64_t n, float a, float b, float k) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = a * dy[i] + b * x[i] + k;
 }
 
-TTA_SIMD_CLONES void simd_col_dot_centered(const float* dy, const float* x, int64_t rows, int64_t C,
-                                           const float* center, float* acc) {
-  for (int64_t r = 0; r < rows; ++r) {
+TTA_SIMD_CLONES void simd_col_sum_dot_centered(const float* __restrict dy, const float* __restrict x, int64_t rows,
+                                               int64_t C, const float* __restrict center, float* __restrict sum,
+                                               float* __restrict dot) {
+  int64_t r = 0;
+  for (; r + kRowUnroll <= rows; r += kRowUnroll) {
     const float* g = dy + r * C;
     const float* v = x + r * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += g[c] * (v[c] - center[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      const float m = center[c];
+      const float g0 = g[c], g1 = g[C + c], g2 = g[2 * C + c], g3 = g[3 * C + c];
+      sum[c] += (g0 + g1) + (g2 + g3);
+      dot[c] += (g0 * (v[c] - m) + g1 * (v[C + c] - m)) + (g2 * (v[2 * C + c] - m) + g3 * (v[3 * C + c] - m));
+    }
+  }
+  for (; r < rows; ++r) {
+    const float* g = dy + r * C;
+    const float* v = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      sum[c] += g[c];
+      dot[c] += g[c] * (v[c] - center[c]);
+    }
   }
 }
 
