@@ -1,7 +1,11 @@
 #include "simd.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
-#define TTA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+// One clone per x86-64 level: AVX-512, x86-64-v3 (AVX2 + FMA together: a comma inside one
+// target_clones string makes separate clones in GCC, an AVX2 clone without FMA and an FMA-only one).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__APPLE__)
+#define TTA_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__clang__) && !defined(__APPLE__)
+#define TTA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TTA_SIMD_CLONES
 #endif
