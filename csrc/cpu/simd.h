@@ -1,6 +1,6 @@
-// Hot float loops of the CPU kernels, compiled once per instruction set (AVX-512, AVX2, baseline)
-// and picked at load time (GCC/Clang `target_clones`), so one portable build runs the widest
-// vector unit of the machine it lands on.
+// Hot float loops of the CPU kernels, compiled once per instruction set (AVX-512, x86-64-v3 = AVX2
+// + FMA, baseline) and picked at load time (GCC/Clang `target_clones`), so one portable build runs
+// the widest vector unit of the machine it lands on.
 #pragma once
 
 #include <cstdint>
