@@ -27,6 +27,7 @@ from torch import nn
 
 from tta import ops
 from tta.errors import BatchTooSmallError, NoAdaptableLayerError
+from tta.ops._layout import bn_channels_last_format
 
 
 def _op_beats_native_batch_stats(x: torch.Tensor) -> bool:
@@ -35,10 +36,7 @@ def _op_beats_native_batch_stats(x: torch.Tensor) -> bool:
     PyTorch's native NHWC batch norm measured faster (BENCHMARKS.md, "Kernels on the CPU")."""
     if not ops.has_kernel(x):
         return False
-    if x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous() \
-            and x.is_contiguous(memory_format=torch.channels_last):
-        return False
-    return True
+    return not (x.device.type == "cpu" and x.dim() == 4 and bn_channels_last_format(x) is not None)
 
 
 class CalibratedBatchNorm(nn.Module):

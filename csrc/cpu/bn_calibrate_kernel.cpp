@@ -45,6 +45,21 @@ inline int64_t plane_parts(int64_t planes, int64_t C) {
   return std::max<int64_t>(1, std::min<int64_t>({planes, 4 * threads, by_memory}));
 }
 
+// Calls fn(plane, c) for the NCHW planes [first, last) in memory order, c = plane's channel.
+template <typename Fn>
+inline void for_each_plane(int64_t first, int64_t last, int64_t C, Fn&& fn) {
+  for (int64_t plane = first, c = first % C; plane < last; ++plane, c = (c + 1 == C ? 0 : c + 1)) fn(plane, c);
+}
+
+// Sum over parts (and `width` lanes) of channel c's partials, laid out [parts][C][width].
+inline double fold_parts(const std::vector<double>& part, int64_t parts, int64_t C, int64_t width, int64_t c) {
+  double sum = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t j = 0; j < width; ++j) sum += part[(p * C + c) * width + j];
+  }
+  return sum;
+}
+
 // Count, mean and sum of squared deviations of n values, from sums shifted by a reference k:
 // s1 = sum(x - k), s2 = sum((x - k)^2).
 struct Moments {
@@ -133,37 +148,31 @@ void run_nchw(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, c
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : kChunk);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t first = p * planes / parts, last = (p + 1) * planes / parts;
-      for (int64_t plane = first, c = first % C; plane < last; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+      for_each_plane(p * planes / parts, (p + 1) * planes / parts, C, [&](int64_t plane, int64_t c) {
         double* l1 = part_s1.data() + (p * C + c) * kLanes;
         double* l2 = part_s2.data() + (p * C + c) * kLanes;
         for (int64_t off = 0; off < S; off += kChunk) {
           const int64_t len = std::min(kChunk, S - off);
           simd_lanes_shifted_moments(as_float(x + plane * S + off, len, buf.data()), len, ref[c], l1, l2);
         }
-      }
+      });
     }
   });
   std::vector<float> scale(C), shift(C);
   const double n = static_cast<double>(N * S);
   for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int64_t p = 0; p < parts; ++p) {
-      for (int64_t j = 0; j < kLanes; ++j) {
-        s1 += part_s1[(p * C + c) * kLanes + j];
-        s2 += part_s2[(p * C + c) * kLanes + j];
-      }
-    }
-    fin(c, shifted_moments(n, ref[c], s1, s2), scale[c], shift[c]);
+    const Moments m = shifted_moments(n, ref[c], fold_parts(part_s1, parts, C, kLanes, c),
+                                      fold_parts(part_s2, parts, C, kLanes, c));
+    fin(c, m, scale[c], shift[c]);
   }
   at::parallel_for(0, planes, 16, [&](int64_t q0, int64_t q1) {
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : kChunk);
-    for (int64_t plane = q0, c = q0 % C; plane < q1; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+    for_each_plane(q0, q1, C, [&](int64_t plane, int64_t c) {
       for (int64_t off = 0; off < S; off += kChunk) {
         const int64_t len = std::min(kChunk, S - off);
         affine_out(x + plane * S + off, y + plane * S + off, len, scale[c], shift[c], buf.data());
       }
-    }
+    });
   });
 }
 
@@ -173,7 +182,7 @@ void run_rows(const scalar_t* x, scalar_t* y, int64_t R, int64_t C, const Finali
   const int64_t rows_per_chunk = rows_per_block(C);
   const int64_t n_chunks = (R + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t parts = std::min<int64_t>(n_chunks, 4 * at::get_num_threads());
-  // K[c]: exact mean of the first row block (two passes), the reference of the shifted sums.
+  // K[c]: mean of the first row block, the reference of the shifted sums.
   std::vector<float> ref(C, 0.f);
   {
     const int64_t rows = std::min(rows_per_chunk, R);
@@ -206,12 +215,9 @@ void run_rows(const scalar_t* x, scalar_t* y, int64_t R, int64_t C, const Finali
   std::vector<float> scale(C), shift(C);
   const double n = static_cast<double>(R);
   for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int64_t p = 0; p < parts; ++p) {
-      s1 += part_s1[p * C + c];
-      s2 += part_s2[p * C + c];
-    }
-    fin(c, shifted_moments(n, ref[c], s1, s2), scale[c], shift[c]);
+    const Moments m = shifted_moments(n, ref[c], fold_parts(part_s1, parts, C, 1, c),
+                                      fold_parts(part_s2, parts, C, 1, c));
+    fin(c, m, scale[c], shift[c]);
   }
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
@@ -274,8 +280,7 @@ void backward_nchw(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> bg(f32 ? 0 : kChunk), bx(f32 ? 0 : kChunk);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t first = p * planes / parts, last = (p + 1) * planes / parts;
-      for (int64_t plane = first, c = first % C; plane < last; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+      for_each_plane(p * planes / parts, (p + 1) * planes / parts, C, [&](int64_t plane, int64_t c) {
         double* lg = part_g.data() + (p * C + c) * kLanes;
         double* lgx = part_gx.data() + (p * C + c) * kLanes;
         for (int64_t off = 0; off < S; off += kChunk) {
@@ -284,23 +289,16 @@ void backward_nchw(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           const float* v = as_float(x + plane * S + off, len, bx.data());
           simd_lanes_sum_dot_centered(g, v, len, center[c], lg, lgx);
         }
-      }
+      });
     }
   });
   std::vector<float> A(C), B(C), K(C);
   for (int64_t c = 0; c < C; ++c) {
-    double sum_g = 0, sum_gx = 0;
-    for (int64_t p = 0; p < parts; ++p) {
-      for (int64_t j = 0; j < kLanes; ++j) {
-        sum_g += part_g[(p * C + c) * kLanes + j];
-        sum_gx += part_gx[(p * C + c) * kLanes + j];
-      }
-    }
-    coef(c, sum_g, sum_gx, A[c], B[c], K[c]);
+    coef(c, fold_parts(part_g, parts, C, kLanes, c), fold_parts(part_gx, parts, C, kLanes, c), A[c], B[c], K[c]);
   }
   at::parallel_for(0, planes, 16, [&](int64_t q0, int64_t q1) {
     std::vector<float> bg(f32 ? 0 : kChunk), bx(f32 ? 0 : kChunk), bo(f32 ? 0 : kChunk);
-    for (int64_t plane = q0, c = q0 % C; plane < q1; ++plane, c = (c + 1 == C ? 0 : c + 1)) {
+    for_each_plane(q0, q1, C, [&](int64_t plane, int64_t c) {
       for (int64_t off = 0; off < S; off += kChunk) {
         const int64_t len = std::min(kChunk, S - off);
         const int64_t at = plane * S + off;
@@ -313,7 +311,7 @@ void backward_nchw(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           for (int64_t i = 0; i < len; ++i) dx[at + i] = static_cast<scalar_t>(bo[i]);
         }
       }
-    }
+    });
   });
 }
 
@@ -350,12 +348,7 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
 
   std::vector<float> A(C), B(C), K(C);
   for (int64_t c = 0; c < C; ++c) {
-    double sum_g = 0, sum_gx = 0;
-    for (int64_t p = 0; p < parts; ++p) {
-      sum_g += part_g[p * C + c];
-      sum_gx += part_gx[p * C + c];
-    }
-    coef(c, sum_g, sum_gx, A[c], B[c], K[c]);
+    coef(c, fold_parts(part_g, parts, C, 1, c), fold_parts(part_gx, parts, C, 1, c), A[c], B[c], K[c]);
   }
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from tta.ops._layout import bn_channels_last_format
+
 
 def _bn_output_like(x: torch.Tensor) -> torch.Tensor:
-    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-    if 4 <= x.dim() <= 5 and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+    fmt = bn_channels_last_format(x)
+    if fmt is not None:
         return torch.empty_like(x, memory_format=fmt)
     return x.new_empty(x.shape)
 
