@@ -401,8 +401,9 @@ class AdaNPC(Adapter[AdaNPCConfig]):
         """Install the source part of the memory (rows are L2-normalised here); drops test entries."""
         cfg = self.config
         dtype = torch.float16 if cfg.storage_dtype == "float16" else torch.float32
-        self.memory = KnnMemory(features.to(self.device), labels.to(self.device), num_classes, cfg.capacity,
-                                cfg.class_balanced, dtype)
+        with torch.inference_mode(False):  # the memory grows in place: no inference tensors
+            self.memory = KnnMemory(features.to(self.device), labels.to(self.device), num_classes, cfg.capacity,
+                                    cfg.class_balanced, dtype)
 
     def _require_memory(self) -> KnnMemory:
         if self.memory is None:

@@ -113,9 +113,13 @@ class Adapter(nn.Module, Generic[C]):
                     f"{self.name}: the model's tensors were created under torch.inference_mode() and cannot be "
                     "adapted in place; build the model outside inference mode or use inplace=False (a copy)"
                 )
-        else:
-            model = copy.deepcopy(model)  # once, here: the caller's model stays as it was
-        self.config: C = config  # type: ignore[assignment]
+        # Everything the adapter creates is a normal tensor, even when it is built under inference mode
+        # (inference tensors could never be updated by a step).
+        with torch.inference_mode(False):
+            self._build(model if inplace else copy.deepcopy(model), config)  # the copy: once, here
+
+    def _build(self, model: nn.Module, config: C) -> None:
+        self.config: C = config
         self.model = model
         self.in_channels = infer_in_channels(model)
         self.input_size = config.input_size or declared_input_size(model)
@@ -207,7 +211,7 @@ class Adapter(nn.Module, Generic[C]):
             loss_ok = bool(finite)
         if not loss_ok:
             self.optimizer.zero_grad(set_to_none=True)
-            self.counters["skipped_nonfinite_loss"] += 1
+            self._count(skipped_nonfinite_loss=1)
             self._roll_back_nonfinite_parameters()
             return False
         loss.backward()
@@ -259,34 +263,66 @@ class Adapter(nn.Module, Generic[C]):
             check = "before_step"
         if small:
             out = self.predict_without_adapting(x)
-            self.counters["small_batches"] += 1
+            self._count(small_batches=1)
             return out
-        counters = dict(self.counters)
-        generators = {k: g.get_state() for k, g in self._generators.items()}
+        # What a failing step could leave changed without the tensors being touched: the counters and
+        # the random generators. Adapters reading the verdict with the loss or after the forward write
+        # no counter before `_finish_batch` and, without generators, need no copy, so torch.compile
+        # sees no read of a counter (each value read would be a guard, each new value a recompile).
+        saved = self._save_volatile() if check == "before_step" or self._generators else None
         try:
-            if self.config.episodic:
-                self.reset()
-            if check == "with_loss":
-                self._pending_verdict = (x, verdict)
+            out = self._adapt_steps(x, verdict if check == "with_loss" else None)
+        except BaseException:
+            if saved is not None:
+                self._restore_volatile(saved)
+            raise
+        return self._finish_batch(x, verdict if check == "after_forward" else None, saved, out)
+
+    def _adapt_steps(self, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """`config.steps` predict-and-adapt steps under `enable_grad` (a caller's no_grad does not apply)."""
+        if self.config.episodic:
+            self.reset()
+        self._pending_verdict = None if pending is None else (x, pending)
+        try:
             out = x
             with torch.enable_grad():
                 for _ in range(self.config.steps):
                     out = self.forward_and_adapt(x)
-                    self.counters["steps"] += 1
-            if check == "after_forward" or self._pending_verdict is not None:
-                self._read_verdict(x, verdict)
-        except BaseException:
-            self.counters.clear()
-            self.counters.update(counters)
-            for key in [k for k in self._generators if k not in generators]:
-                del self._generators[key]
-            for key, gen_state in generators.items():
-                self._generators[key].set_state(gen_state)
-            raise
+            if self._pending_verdict is not None:  # an adapter that never reached apply_loss
+                self._read_verdict(x, pending)
         finally:
             self._pending_verdict = None
+        return out
+
+    @torch.compiler.disable
+    def _finish_batch(self, x: torch.Tensor, verdict: torch.Tensor | None,
+                      saved: tuple[dict[str, int], dict[str, torch.Tensor]] | None, out: torch.Tensor) -> torch.Tensor:
+        """Read a verdict left for after the forward, then count the batch. Not traced by torch.compile:
+        its one graph break comes after the whole forward."""
+        if verdict is not None and not bool(verdict):
+            if saved is not None:
+                self._restore_volatile(saved)
+            raise rejection(self.name, x, self.input_range)
+        self.counters["steps"] += self.config.steps
         self.counters["batches"] += 1
         return out.detach()
+
+    @torch.compiler.disable
+    def _count(self, **increments: int) -> None:
+        for key, n in increments.items():
+            self.counters[key] = self.counters.get(key, 0) + n
+
+    def _save_volatile(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        return dict(self.counters), {k: g.get_state() for k, g in self._generators.items()}
+
+    def _restore_volatile(self, saved: tuple[dict[str, int], dict[str, torch.Tensor]]) -> None:
+        counters, generators = saved
+        self.counters.clear()
+        self.counters.update(counters)
+        for key in [k for k in self._generators if k not in generators]:
+            del self._generators[key]
+        for key, gen_state in generators.items():
+            self._generators[key].set_state(gen_state)
 
     def _read_verdict(self, x: torch.Tensor, verdict: torch.Tensor) -> None:
         if not bool(verdict):
@@ -312,7 +348,8 @@ class Adapter(nn.Module, Generic[C]):
         memo: dict[int, Any] = {id(t): t for t in self.frozen_tensors()}
         for t in self._source_state.values():
             memo[id(t)] = t
-        return copy.deepcopy(self, memo)
+        with torch.inference_mode(False):
+            return copy.deepcopy(self, memo)
 
     # ------------------------------------------------------------------ devices and dtypes
     def _apply(self, fn: Any, recurse: bool = True) -> "Adapter[C]":
@@ -411,8 +448,12 @@ class Adapter(nn.Module, Generic[C]):
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Load a state written by `save()` (weights-only unpickling; digest and content checked first)."""
-        state = read_state(path)
-        self.check_state(state, where=str(path), require_digest=True)
+        self.load_saved(read_state(path), where=str(path))
+
+    def load_saved(self, state: Mapping[str, Any], where: str) -> None:
+        """Load the content of a file written by `save()` (`read_state`): the rule of `load`, which
+        `StreamPool.load` shares: the digest is required, the whole state is checked, then applied."""
+        self.check_state(state, where=where, require_digest=True)
         with torch.inference_mode(False):
             nn.Module.load_state_dict(self, state)
 
