@@ -6,7 +6,9 @@ architecture, random weights; the weights do not change the graph):
 - `torch._dynamo.explain`: graphs, graph breaks and where each break comes from;
 - `torch.compile(adapted)` (inductor, the default backend): time of the first call (compilation);
 - step time of the compiled and an eager twin, interleaved call by call on the same batches
-  (median of ``--reps``), and the largest output difference between the two.
+  (median of ``--reps``), and the largest output difference between the two;
+- the cost of the per-batch input checks in eager mode (structure + on-device value verdict + its
+  read), beside the source model's forward on the same batches.
 
     .venv/bin/python bench/bench_compile.py --batch 200 --reps 20
 """
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tta  # noqa: E402
+from tta.adapters.inputs import declare_input, value_verdict  # noqa: E402
 from tta.models import build_model  # noqa: E402
 
 
@@ -46,8 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = build_model("resnet20", num_classes=10).eval()
+    base = declare_input(build_model("resnet20", num_classes=10).eval(), (32, 32), (0.0, 1.0))  # as card models
     batches = [torch.rand(args.batch, 3, 32, 32) for _ in range(args.reps + 1)]
+    checker = tta.adapt(base, "source")
+    t_check, t_forward = [], []
+    with torch.no_grad():
+        for x in batches:
+            t0 = time.perf_counter()
+            checker.validate_batch(x)
+            bool(value_verdict(x, checker.input_range))
+            t_check.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            checker.model(x)
+            t_forward.append(time.perf_counter() - t0)
+    check_ms, forward_ms = statistics.median(t_check) * 1e3, statistics.median(t_forward) * 1e3
     rows = []
     for name in args.adapters.split(","):
         torch._dynamo.reset()
@@ -83,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, graphs, breaks, compile_s, e, c, diff, _ in rows:
         print(f"| {name} | {graphs} | {breaks} | {compile_s:.1f} s | {e:.1f} ms | {c:.1f} ms | {e / c:.2f}x | {diff:.1e} |")
+    print(f"\ninput checks (structure + value verdict + read): {check_ms:.2f} ms per batch, source forward "
+          f"{forward_ms:.1f} ms ({100 * check_ms / forward_ms:.2f}%)")
     return 0
 
 

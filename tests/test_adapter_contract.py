@@ -322,7 +322,16 @@ def test_lr_inf_and_bad_optimizer_fields_are_config_errors():
         tta.adapt(small_cnn(), "cotta", ap=float("nan"))
     cls = tta.adapters.get_adapter_class("tent").Config
     with pytest.raises(ConfigError, match="lr must be finite"):
-        cls.build(**cls.parse_assignments(["lr=inf"]))
+        cls.parse_assignments(["lr=inf"])
+
+
+@pytest.mark.parametrize("assignment", ["lr=inf", "betas=0.9,1.0", "weight_decay=-1", "momentum=nan"])
+def test_cli_refuses_bad_optimizer_fields_before_running(assignment, tmp_path, capsys):
+    from tta.cli import main
+
+    assert main(["run", "--adapter", "tent", "--set", assignment, "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_nonfinite_parameters_are_rolled_back_to_source_and_reported(caplog):

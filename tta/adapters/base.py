@@ -62,6 +62,7 @@ from tta.adapters.inputs import (
     rejection,
     value_verdict,
 )
+from tta.adapters.state import FORMAT as STATE_FORMAT
 from tta.adapters.state import (
     check_counters,
     check_generators,
@@ -414,6 +415,8 @@ class Adapter(nn.Module, Generic[C]):
                 f"{where}: the state has no adapter header (_extra_state); it was not saved by Adapter.state_dict()"
             )
         self._check_state_header(extra)
+        if extra.get("format", STATE_FORMAT) != STATE_FORMAT:
+            raise StateMismatchError(f"{where}: state format {extra.get('format')!r}; this runtime reads {STATE_FORMAT!r}")
         if require_digest or "digest" in extra:
             verify_digest(state, where)
         frozen = {id(t) for t in self.frozen_tensors()}

@@ -104,7 +104,8 @@ class AdapterConfig:
         """Parse CLI ``key=value`` strings into typed values (unknown keys raise `ConfigError`).
 
         ``key=card`` for a key in `CARD_FIELDS` is kept as the marker `CARD`; the CLI replaces it
-        with the model card's value once the card is known.
+        with the model card's value once the card is known. The values are validated here (a trial
+        `build`), so a bad value fails before any data is loaded.
         """
         hints = typing.get_type_hints(cls)
         out: dict[str, Any] = {}
@@ -127,6 +128,7 @@ class AdapterConfig:
                 out[key] = CARD
                 continue
             out[key] = _parse_string(key, hints[key], raw.strip())
+        cls.build(**{k: v for k, v in out.items() if v != CARD})
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ def state_digest(state: Mapping[str, Any]) -> str:
 def seal(state: dict[str, Any]) -> dict[str, Any]:
     """`state` with the format and its digest written into the header (a new dict; tensors shared)."""
     extra = dict(state["_extra_state"])
-    extra["format"] = FORMAT
+    extra.setdefault("format", FORMAT)
     extra.pop(DIGEST_KEY, None)
     sealed = {**state, "_extra_state": extra}
     extra[DIGEST_KEY] = state_digest(sealed)
@@ -289,10 +289,6 @@ def _finite_value(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_finite_value(v) for v in value)
     return False
-
-
-def live_tensors(state: Mapping[str, Any]) -> Iterable[tuple[str, torch.Tensor]]:
-    return ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
 
 
 __all__ = [
