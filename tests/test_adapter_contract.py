@@ -120,7 +120,7 @@ def test_inference_mode_with_an_inference_tensor_model():
         memory.set_source_memory(torch.randn(20, 8), torch.arange(20) % 10, 10)
         memory(batch(1))
     assert out.shape == (6, 10) and memory.memory.size > 20
-    with pytest.raises(InvalidInputError, match="inference_mode.*inplace=False"):
+    with pytest.raises(InvalidInputError, match=r"inference_mode\(\).*adapt a copy"):
         tta.adapt(model, "tent", inplace=True)
 
 
@@ -148,6 +148,16 @@ def test_inplace_adapts_the_given_model():
     before = model_tensors(model)
     adapter(batch(0))
     assert adapted_changed(adapter.model, before)
+
+
+def test_a_model_that_cannot_be_copied_says_to_adapt_in_place():
+    import threading
+
+    model = small_cnn()
+    model.lock = threading.Lock()
+    with pytest.raises(InvalidInputError, match="cannot be copied.*inplace=True"):
+        tta.adapt(model, "bn")
+    assert tta.adapt(model, "bn", inplace=True)(batch(0)).shape == (6, 10)
 
 
 def test_readme_snippet_one_model_two_adapters():
@@ -246,6 +256,47 @@ def test_rejected_batch_leaves_every_bit_of_state_unchanged(name, case):
     for seed in (1, 2):
         torch.testing.assert_close(adapter(batch(seed)), twin(batch(seed)), rtol=0, atol=0)
     assert_same(twin.state_dict(), adapter.state_dict())
+
+
+@pytest.mark.parametrize("name", ["cotta", "vida", "vdp"])
+def test_wrong_size_image_on_a_vit_changes_nothing(name):
+    """The case found by the fault sweep: the random draws came before the forward that failed."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    def make():
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            vit = VisionTransformer(img_size=16, patch_size=8, num_classes=10, embed_dim=16, depth=1, num_heads=2)
+        return build(name, vit)
+
+    adapter, twin = make(), make()
+    for a in (adapter, twin):
+        a(batch(0, size=16))
+    before = adapter.state_dict()
+    with pytest.raises(InvalidInputError, match="takes 16x16 images"):
+        adapter(batch(1, size=24))
+    assert_same(before, adapter.state_dict())
+    for seed in (2, 3):
+        torch.testing.assert_close(adapter(batch(seed, size=16)), twin(batch(seed, size=16)), rtol=0, atol=0)
+
+
+def test_device_mismatch_is_named():
+    adapter = tta.adapt(small_cnn(), "bn").to("meta")
+    with pytest.raises(InvalidInputError, match="the batch is on cpu but the adapter is on meta"):
+        adapter(batch(0))
+
+
+def test_engine_skips_and_reports_out_of_range_batches():
+    from tta.engine import run_stream
+    from tta.streams.base import Batch
+
+    adapter = build("tent", declare_input(small_cnn(), (32, 32), (0.0, 1.0)))
+    lines: list[str] = []
+    stream = [Batch(x=batch(0), y=torch.zeros(6, dtype=torch.int64), domain="d"),
+              Batch(x=batch(1) * 255, y=torch.zeros(6, dtype=torch.int64), domain="d")]
+    result = run_stream(adapter, stream, device="cpu", progress=False, prefetch=0, log=lines.append)
+    assert (result.skipped_batches, result.skipped_images, result.steps) == (1, 6, 1)
+    assert any("outside the model's input range" in line for line in lines)
 
 
 @pytest.mark.parametrize("name", ADAPTERS)

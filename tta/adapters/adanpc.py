@@ -376,11 +376,11 @@ class AdaNPC(Adapter[AdaNPCConfig]):
     Config = AdaNPCConfig
     output_kind = "probs"
 
-    def __init__(self, model: nn.Module, config: AdaNPCConfig | None = None, *, inplace: bool = False) -> None:
+    def __init__(self, model: nn.Module, config: AdaNPCConfig | None = None) -> None:
         cfg = config if config is not None else AdaNPCConfig()
         self.uses_batch_stats = cfg.norm != "source"  # instance-level: depends on the config
         self.memory: KnnMemory | None = None
-        super().__init__(model, cfg, inplace=inplace)
+        super().__init__(model, cfg)
         if cfg.memory is not None:
             path = Path(cfg.memory)
             if not path.is_file() and not path.name.endswith(".safetensors"):  # a model card name

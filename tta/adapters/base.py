@@ -11,8 +11,9 @@ Subclasses override a few hooks (the structure users of mariodoebler/test-time-a
 The contract every adapter inherits from `forward`, written once here:
 
 - **The caller's model is not modified** unless ``inplace=True`` (the `torch.ao.quantization.prepare`
-  convention): the adapter deep-copies the model once, at construction. ``inplace=True`` adapts the
-  given model itself (layers swapped, requires_grad set) and saves that copy's memory.
+  convention): `tta.adapt` deep-copies the model once, at construction (`copy_model`), and the adapter
+  works on the copy. ``inplace=True`` hands the given model itself to the adapter (layers swapped,
+  requires_grad set) and saves that copy's memory; so does constructing an adapter class directly.
 - **Grad modes.** The step runs under `torch.enable_grad()`, so a caller's `torch.no_grad()` does not
   break gradient-based adapters; under `torch.inference_mode()` the step leaves inference mode for its
   own duration and adapts on a normal-tensor copy of the batch (inference tensors cannot be saved for
@@ -100,7 +101,9 @@ class Adapter(nn.Module, Generic[C]):
     #: an instance may set it from its model (e.g. False for a LayerNorm-only model)
     uses_batch_stats: bool = False
 
-    def __init__(self, model: nn.Module, config: C | None = None, *, inplace: bool = False) -> None:
+    def __init__(self, model: nn.Module, config: C | None = None) -> None:
+        """Adapt `model` itself (layers swapped, requires_grad set); `tta.adapt` hands it a copy unless
+        asked for ``inplace=True``."""
         super().__init__()
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"expected an nn.Module to adapt, got {type(model).__name__}")
@@ -108,16 +111,16 @@ class Adapter(nn.Module, Generic[C]):
             config = self.Config()  # type: ignore[assignment]
         if not isinstance(config, self.Config):
             raise ConfigError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
-        if inplace:
-            if any(t.is_inference() for t in chain(model.parameters(), model.buffers())):
-                raise InvalidInputError(
-                    f"{self.name}: the model's tensors were created under torch.inference_mode() and cannot be "
-                    "adapted in place; build the model outside inference mode or use inplace=False (a copy)"
-                )
+        if any(t.is_inference() for t in chain(model.parameters(), model.buffers())):
+            raise InvalidInputError(
+                f"{self.name}: the model's tensors were created under torch.inference_mode() and cannot be "
+                "adapted in place; adapt a copy (tta.adapt without inplace=True) or build the model outside "
+                "inference mode"
+            )
         # Everything the adapter creates is a normal tensor, even when it is built under inference mode
         # (inference tensors could never be updated by a step).
         with torch.inference_mode(False):
-            self._build(model if inplace else copy.deepcopy(model), config)  # the copy: once, here
+            self._build(model, config)
 
     def _build(self, model: nn.Module, config: C) -> None:
         self.config: C = config
@@ -495,6 +498,18 @@ class Adapter(nn.Module, Generic[C]):
         return f"name={self.name!r}, config={self.config}"
 
 
+def copy_model(model: nn.Module, who: str) -> nn.Module:
+    """A deep copy of `model` whose tensors are normal tensors (also under inference mode)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"expected an nn.Module to adapt, got {type(model).__name__}")
+    try:
+        with torch.inference_mode(False):
+            return copy.deepcopy(model)
+    except Exception as exc:  # a module holding something that cannot be copied (a lock, a handle...)
+        raise InvalidInputError(f"{who}: the model cannot be copied ({type(exc).__name__}: {exc}); pass "
+                                "inplace=True to adapt it in place") from exc
+
+
 def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Move every optimizer state tensor to its parameter's device and (floating) dtype.
 
@@ -517,4 +532,5 @@ def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 state[key] = value.to(device=p.device, dtype=p.dtype if value.is_floating_point() else value.dtype)
 
 
-__all__ = ["Adapter", "align_optimizer_state", "calibrated_layers", "infer_in_channels", "read_state", "save_state"]
+__all__ = ["Adapter", "align_optimizer_state", "calibrated_layers", "copy_model", "infer_in_channels", "read_state",
+           "save_state"]

@@ -60,6 +60,8 @@ def adapt(model: nn.Module, name: str, preset: str | None = None, *, inplace: bo
     `model` itself is left untouched: the adapter works on a copy made once, here. ``inplace=True``
     adapts `model` itself (layers swapped, requires_grad set) and saves that copy's memory.
     """
+    from tta.adapters.base import copy_model
+
     cls = get_adapter_class(name)
     cfg = cls.Config.build(preset=preset, **config)
-    return cls(model, cfg, inplace=inplace)
+    return cls(model if inplace else copy_model(model, cls.name), cfg)

@@ -160,8 +160,8 @@ class TeacherStudentAdapter(Adapter[OC]):
 
     uses_batch_stats = True
 
-    def __init__(self, model: nn.Module, config: OC | None = None, *, inplace: bool = False) -> None:
-        super().__init__(model, config, inplace=inplace)
+    def __init__(self, model: nn.Module, config: OC | None = None) -> None:
+        super().__init__(model, config)
         # The source snapshot of the base class duplicated the anchor; point it at the anchor.
         self._source_state = self._realigned_source_state()
         self._bind_pairs()
