@@ -8,7 +8,7 @@ The input contract of an adapted model has two halves, checked at different cost
   `InvalidInputError` before anything else happens.
 - **Values** (every value finite and inside the model's input range): one fused on-device reduction
   (`torch.aminmax`) that yields a 0-dim boolean *verdict*. When the verdict is read on the host (the
-  only synchronising part) is each adapter's choice, see `Adapter.verdict_read`; a rejected batch
+  only synchronising part) is each adapter's choice, see `Adapter.value_check`; a rejected batch
   raises `NonFiniteInputError` or `InputRangeError` before the adapted state changes.
 
 What a model expects is *declared*, most explicit first:
