@@ -32,7 +32,8 @@ The contract every adapter inherits from `forward`, written once here:
   (``counters["nonfinite_param_resets"]``, logged on ``tta.adapters``).
 - **Devices and dtypes.** `.to(device)` / `.to(dtype)` move the optimizer state and the source
   snapshot with the parameters and buffers; subclasses re-align their own references in
-  `_after_move`.
+  `_after_move` (ViDA's shared scales, AdaNPC's memory). Random generators cannot change device:
+  the adapter keeps one per device, seeded from its seed on first use there (all saved in its state).
 - **State.** `state_dict()` covers everything the adapter owns: model (and teacher/anchor/memory
   modules or buffers registered on the adapter), optimizer state, counters and random generator
   states. `save()` writes it atomically with an integrity digest; loading validates the whole state
