@@ -33,18 +33,8 @@ import numpy as np
 from scipy import ndimage
 
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
+from tta.streams.names import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, STANDARD_ORDER  # noqa: F401
 
-#: The 15 standard corruptions, in the continual CTTA order of spec/METHODS.md (CoTTA/TENT order).
-STANDARD_ORDER: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression",
-)
-#: The CIFAR-10-C "extra" (validation) corruptions implemented here (spatter is not implemented).
-EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "saturate")
-#: Every corruption `corrupt` accepts.
-CORRUPTIONS: tuple[str, ...] = STANDARD_ORDER + EXTRA_CORRUPTIONS
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 #: Images whose longest side is at most this use the CIFAR-10-C constants; larger ones ImageNet-C.
 SMALL_IMAGE_MAX = 64
 

@@ -146,10 +146,11 @@ class CorruptionArraySet:
     """A "-C" directory in the CIFAR-10-C layout (CIFAR-10-C, CIFAR-100-C, Fashion-MNIST-C...).
 
     `severities` are the ones stored (meta.json, default 1..5); `domain(corruption, severity)` returns
-    the memory-mapped rows of that severity with their labels.
+    the memory-mapped rows of that severity with their labels. With `num_classes`, every label must
+    lie in [0, num_classes).
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], num_classes: int | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"corruption set folder {self.root} does not exist; expected {CIFAR_C_LAYOUT}")
@@ -167,6 +168,10 @@ class CorruptionArraySet:
         if len(labels) % len(self.severities):
             raise DataNotFoundError(
                 f"{labels_path}: length {len(labels)} is not a multiple of the {len(self.severities)} stored severities"
+            )
+        if num_classes is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise DataNotFoundError(
+                f"{labels_path}: labels must lie in [0, {num_classes}), found {int(labels.min())}..{int(labels.max())}"
             )
         self.n = len(labels) // len(self.severities)
         self._labels = labels
