@@ -38,6 +38,7 @@ class ToySpec:
     seed: int = 1
     reset: str = "never"
     preset: str | None = None
+    num_classes: int = 10
     calls: list = field(default_factory=list)
 
     def build(self, batch_size=None, n_per_domain=None, seed=None, data_dir=None):
@@ -61,8 +62,18 @@ def toy(monkeypatch):
         loaded.append(card)
         return tiny_cnn()
 
+    real_get_card = tta.models.get_card
+
+    def get_card(card):
+        """The real card when it exists, else a stand-in card for the tiny CNN."""
+        try:
+            return real_get_card(card)
+        except tta.errors.DataNotFoundError:
+            return tta.models.ModelCard(name=str(card), arch="tiny-cnn", num_classes=10, checkpoint="tiny.safetensors")
+
     monkeypatch.setattr(tta.streams, "load_spec", load_spec)
     monkeypatch.setattr(tta.models, "load", load)
+    monkeypatch.setattr(tta.models, "get_card", get_card)
     spec.loaded = loaded
     return spec
 
@@ -79,8 +90,8 @@ def test_run_prints_domain_lines_and_writes_results(toy, tmp_path, capsys):
     assert toy.loaded == [tta.streams.DEFAULT_SPEC, tta.models.DEFAULT_CARD]
     expected = run_stream(tta.adapt(tiny_cnn(), "tent"), ToySpec().build(), device="cpu", progress=False)
     for d in DOMAINS:
-        assert f"error % [{d}]: {expected.domain_errors[d]:.2f}" in out
-    assert f"mean error %: {expected.mean_error:.2f}" in out
+        assert f"error % [{d}][#samples={expected.domain_images[d]}]: {expected.domain_errors[d]:.2f}%" in out
+    assert f"mean error: {expected.mean_error:.2f}%" in out
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["tent"]["domains"] == pytest.approx(expected.domain_errors, abs=1e-3)
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -185,21 +196,49 @@ def test_run_with_progress_bars(toy, capsys):
     assert main(["run", "--adapter", "bn"]) == 0
     captured = capsys.readouterr()
     for d in DOMAINS:
-        assert f"error % [{d}]: " in captured.out  # written above the bars
+        assert f"error % [{d}][#samples=" in captured.out  # written above the bars
         assert f"{d}: 100%" in captured.err  # one bar per domain
-    assert "mean error %: " in captured.out
+    assert "mean error: " in captured.out
 
 
 @pytest.mark.skipif("adanpc" not in tta.list_adapters(), reason="needs the AdaNPC adapter")
-def test_memory_adapters_default_to_the_cards_memory(toy, tmp_path, capsys):
+def _copy_card(folder, name="r20"):
+    """The shipped ResNet-20 card as a user's own card `name` in `folder` (checkpoint + AdaNPC memory)."""
+    import shutil
+
+    shipped = tta.models.get_card("resnet20-fmnist")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shipped.checkpoint_path(), folder / f"{name}.safetensors")
+    text = shipped.path.read_text().replace("name: resnet20-fmnist", f"name: {name}")
+    (folder / f"{name}.yaml").write_text(text.replace("checkpoint: resnet20-fmnist.safetensors",
+                                                      f"checkpoint: {name}.safetensors"))
+    return folder / f"{name}.yaml"
+
+
+def test_memory_adapters_default_to_the_cards_memory(toy, tmp_path, capsys, monkeypatch):
     import argparse
+    import shutil
 
     from tta.cli.run import card_defaults
 
-    args = argparse.Namespace(model="my-card")
-    assert card_defaults("adanpc", {}, args) == {"memory": "my-card"}
-    assert card_defaults("adanpc", {"memory": "x.safetensors"}, args) == {"memory": "x.safetensors"}
-    assert card_defaults("tent", {"lr": 0.1}, args) == {"lr": 0.1}
-    # no memory file for the card: one clear line, exit 2
-    assert main(["run", "--adapter", "adanpc", "--model", str(tmp_path / "card.yaml"), "--no-progress"]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    card_yaml = _copy_card(tmp_path / "cards")
+    # no memory file for the card: one clear line naming the fix, exit 2, nothing written
+    assert main(["run", "--adapter", "adanpc", "--model", str(card_yaml), "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tta build-memory" in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+    shutil.copy(tta.models.get_card("resnet20-fmnist").artifact_path(".memory.safetensors"),
+                tmp_path / "cards" / "r20.memory.safetensors")
+    memory = str(tmp_path / "cards" / "r20.memory.safetensors")
+    # found from the loaded card, whether it was given as a path or named
+    assert card_defaults("adanpc", {}, argparse.Namespace(model=str(card_yaml))) == {"memory": memory}
+    monkeypatch.setenv("TTA_MODELS_DIR", str(tmp_path / "cards"))
+    assert card_defaults("adanpc", {}, argparse.Namespace(model="r20")) == {"memory": memory}
+    assert card_defaults("adanpc", {"memory": "x.safetensors"}, argparse.Namespace(model="r20")) == {
+        "memory": "x.safetensors"}
+    assert card_defaults("tent", {"lr": 0.1}, argparse.Namespace(model="r20")) == {"lr": 0.1}
+    # end to end with the real model given as a path (the toy stream stands in for the data)
+    monkeypatch.setattr(tta.models, "load", tta.models.cards.load)
+    assert main(["run", "--adapter", "adanpc", "--model", str(card_yaml), "--no-progress", "--set", "k=5"]) == 0

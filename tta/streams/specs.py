@@ -242,6 +242,10 @@ class StreamSpec:
         else:
             stream = MixedDomainStream(domains, bs, n_per_domain=n, seed=sd, reset=self.reset)
         stream.spec = self
+        stream.dataset = self.dataset
+        # log labels as the reference CTTA library writes them: corruption + severity ("fog5")
+        stream.domain_labels = {name: name.replace("@", "") if "@" in name else f"{name}{self.severities[0]}"
+                                for name in stream.domains}
         return stream
 
 
