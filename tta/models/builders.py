@@ -110,7 +110,11 @@ def build_model(arch: str, num_classes: int = 10, in_chans: int = 3, pretrained:
     if factory is not None:
         if pretrained:
             raise ConfigError(f"architecture {arch!r} is a user factory: load its weights from a checkpoint file")
-        model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        try:
+            model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the user's factory; its error becomes one line
+            raise ConfigError(f"architecture {arch!r}: factory(num_classes={num_classes}, in_chans={in_chans}"
+                              f"{', **arch_kwargs' if kwargs else ''}) failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):
             raise ConfigError(f"architecture {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
