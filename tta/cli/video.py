@@ -73,7 +73,8 @@ def run_frames(args: argparse.Namespace, adapter: Any, card: Any, frames: Any, o
     pending: deque[tuple[int, float, Any]] = deque()
 
     def collect(keep: int) -> None:
-        while len(pending) > keep:
+        """Take the finished predictions in order; block only while more than `keep` frames wait."""
+        while pending and (len(pending) > keep or pending[0][2].done()):
             index, submitted, future = pending.popleft()
             prediction = future.result()  # a rejected frame raises its error here
             rows.append((index, int(prediction), (time.perf_counter() - submitted) * 1e3))
@@ -83,7 +84,7 @@ def run_frames(args: argparse.Namespace, adapter: Any, card: Any, frames: Any, o
                       input_size=tuple(card.input_size)) as batcher:
         for index, frame in enumerate(frames):
             pending.append((index, time.perf_counter(), batcher.submit(frame)))
-            collect(batch)
+            collect(4 * batch)  # keep decoding while the batcher works; bound the frames in flight
         batcher.flush()
         collect(0)
         sizes = list(batcher.batch_sizes)
