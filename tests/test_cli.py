@@ -242,3 +242,56 @@ def test_memory_adapters_default_to_the_cards_memory(toy, tmp_path, capsys, monk
     # end to end with the real model given as a path (the toy stream stands in for the data)
     monkeypatch.setattr(tta.models, "load", tta.models.cards.load)
     assert main(["run", "--adapter", "adanpc", "--model", str(card_yaml), "--no-progress", "--set", "k=5"]) == 0
+
+
+def test_meta_records_version_commit_and_the_log(toy, tmp_path, capsys):
+    assert main(["run", "--adapter", "bn", "--no-progress", "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["package"] == "tta-runtime" and meta["version"] == tta.__version__
+    assert meta["git"]["source"] == "git" and len(meta["git"]["commit"]) == 40
+    log = (tmp_path / "run.log").read_text()
+    assert "INFO tta: tta run: bn on" in log and "error % [gaussian_noise][#samples=24]:" in log
+    assert "mean error: " in log
+
+
+def test_bench_writes_after_each_adapter_and_survives_a_failure(toy, tmp_path, capsys, monkeypatch):
+    from tta.adapters.tent import Tent
+
+    written = []
+    import tta.engine.report as report
+
+    real_write = report.write_results
+
+    def spy(results, out, **kw):
+        written.append(list(results))
+        return real_write(results, out, **kw)
+
+    def broken_forward(self, x):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(report, "write_results", spy)
+    monkeypatch.setattr(Tent, "forward_and_adapt", broken_forward)
+    rc = main(["bench", "--adapters", "source,tent,bn", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "[tent] failed: RuntimeError: simulated kernel failure" in captured.out
+    assert "1 of 3 adapters failed: tent (RuntimeError: simulated kernel failure)" in captured.out
+    assert written[:2] == [["source"], ["source", "bn"]]  # written as each adapter finished
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data) == ["source", "bn"]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["failed"] == {"tent": "RuntimeError: simulated kernel failure"}
+    assert "Traceback" in (tmp_path / "run.log").read_text()  # the details are in the log
+
+
+def test_help_and_list_do_not_import_torch_or_timm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from tta.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "main(['list'])\n"
+            "print('heavy:', sorted(m for m in ('torch', 'timm', 'torchvision', 'cv2', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "heavy: []" in r.stdout

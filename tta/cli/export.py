@@ -105,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx_parser = inner.add_parser("onnx", help="ONNX export (frozen, alpha-bn or features), verified with onnxruntime")
     add_onnx_arguments(onnx_parser)
     onnx_parser.set_defaults(func=_with_default_model(run_onnx))
-    trt_parser = inner.add_parser("trt", help="TensorRT engine from an exported ONNX file (needs `pip install tta[trt]`)")
+    trt_parser = inner.add_parser("trt", help="TensorRT engine from an exported ONNX file (needs `pip install 'tta-runtime[trt]'`)")
     add_trt_arguments(trt_parser)
     trt_parser.set_defaults(func=run_trt)
 

@@ -27,7 +27,7 @@ PROVIDERS = {
 AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 _HOW_TO_GET = {
     "tensorrt": "install onnxruntime-gpu (README, 'Edge on GPU') and the TensorRT libraries "
-                "(`pip install tta[trt]`) on a machine with an NVIDIA GPU",
+                "(`pip install 'tta-runtime[trt]'`) on a machine with an NVIDIA GPU",
     "cuda": "replace onnxruntime by onnxruntime-gpu: `pip uninstall -y onnxruntime && pip install onnxruntime-gpu` "
             "(on a machine with an NVIDIA GPU and CUDA libraries)",
     "cpu": "reinstall onnxruntime",
