@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tta {args.command}: error: {missing}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tta list | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"tta {args.command}: interrupted", file=sys.stderr)
         return 130
