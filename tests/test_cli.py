@@ -295,3 +295,16 @@ def test_help_and_list_do_not_import_torch_or_timm():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "heavy: []" in r.stdout
+
+
+def test_catalogue_read_without_import_matches_the_registry():
+    """`tta list` reads the adapters' decorators with ast; it must agree with the imported registry."""
+    from tta.adapters import get_adapter_class
+    from tta.plugins import builtin_adapters
+
+    entries = builtin_adapters()
+    assert [e.name for e in entries] == sorted(get_adapter_class(n).name for n in tta.list_adapters()
+                                               if get_adapter_class(n).__module__.startswith("tta.adapters."))
+    for e in entries:
+        doc = (get_adapter_class(e.name).__doc__ or "").strip()
+        assert e.summary == (doc.splitlines()[0] if doc else "")
