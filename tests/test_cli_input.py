@@ -111,6 +111,7 @@ def test_card_errors(data_root, tmp_path, capsys, changes, message):
 def test_seed_and_out_checked_before_the_run(data_root, tmp_path, capsys):
     _fails(["run", "--adapter", "bn", "--seed", "-1"], capsys, contains="--seed must be in 0..", out=tmp_path / "o")
     _fails(["run", "--adapter", "bn", "--seed", str(2**32)], capsys, contains="--seed must be in 0..")
+    _fails(["run", "--adapter", "bn", "--device", "tpu"], capsys, contains="unknown device 'tpu'", out=tmp_path / "o")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _fails(["run", "--adapter", "bn", "--out", str(blocker / "sub")], capsys, contains="which is a file")
@@ -146,3 +147,26 @@ def test_unreadable_video_and_missing_camera(tmp_path, capsys):
     _fails(["run", "--adapter", "bn", "--camera", "-2"], capsys, contains="--camera must be a camera index")
     _fails(["run", "--adapter", "bn", "--video", str(junk), "--stream", "fmnist-c-continual"], capsys,
            contains="replace --stream")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["make-c", "--dataset", "fashion-mnist", "--out", "{file}", "--limit", "2"], "exists and is not a folder"),
+    (["build-memory", "--model", "resnet20-fmnist", "--out", "{file}/m.safetensors"], "exists and is not a folder"),
+    (["build-memory", "--model", "resnet20-fmnist", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["build-memory", "--model", "resnet20-fmnist", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["warmup-adapters", "--model", "vit-fmnist", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["warmup-adapters", "--model", "vit-fmnist", "--lr", "-1"], "--lr must be > 0"),
+    (["warmup-adapters", "--model", "vit-fmnist", "--out", "{file}/w.safetensors"], "exists and is not a folder"),
+    (["export", "onnx", "--out", "{file}/x.onnx", "--real-images", "0"], "exists and is not a folder"),
+    (["export", "onnx", "--out", "{dir}", "--real-images", "0"], "is a folder, a file name is needed"),
+    (["export", "onnx", "--model", "ghost", "--out", "{dir}/x.onnx"], "unknown model card 'ghost'"),
+    (["train-source", "--out", "{file}/t", "--limit-train", "10"], "exists and is not a folder"),
+])
+def test_output_paths_and_values_of_the_other_commands(tmp_path, capsys, argv, message):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = [a.format(file=blocker, dir=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -15,17 +15,16 @@ from tta.cli.run import (
     build_stream,
     card_defaults,
     check_classes,
-    check_out_dir,
     load_model,
     load_plugins,
     load_spec,
-    make_out_dir,
     meta,
     model_name,
     parse_reset,
     resolve_preset,
     run_seed,
 )
+from tta.cli.checks import check_out_dir, make_out_dir
 from tta.errors import ConfigError, TTAError
 
 
@@ -71,7 +70,7 @@ def bench(args: argparse.Namespace) -> int:
     """Every adapter in turn; results are rewritten after each one, a failing adapter is reported and skipped."""
     from tta.adapters import adapt
     from tta.cli.runlog import run_logging
-    from tta.engine import run_stream, seed_everything
+    from tta.engine import resolve_device, run_stream, seed_everything
     from tta.engine.report import format_table, write_results
     from tta.models import get_card
 
@@ -84,6 +83,7 @@ def bench(args: argparse.Namespace) -> int:
     preset = resolve_preset(args, spec)
     check_classes(get_card(model_name(args)), spec)
     stream = build_stream(spec, args, seed)
+    resolve_device(args.device)  # an unknown or absent device fails before anything is written
     out = check_out_dir(args.out)
     explicit = args.adapters.strip().lower() != "all"
     title = f"{getattr(spec, 'name', '')} / {model_name(args)}"

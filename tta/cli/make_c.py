@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from tta.cli.checks import check_out_dir
 from tta.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "image-folder")
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         from tta.paths import data_root
 
         args.out = str(data_root() / "fashion-mnist-c")
+    check_out_dir(args.out)
     severities = parse_severities(args.severities)
     corruptions = STANDARD_ORDER if args.corruptions is None else tuple(c.strip() for c in args.corruptions.split(",") if c.strip())
     unknown = [c for c in corruptions if c not in CORRUPTIONS]

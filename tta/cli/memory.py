@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+from tta.cli.checks import check_out_file, check_positive
 from tta.errors import DataNotFoundError
 
 
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from tta.models import get_card, load
 
     card = get_card(args.model)
+    check_positive(limit=args.limit, batch_size=args.batch_size)
+    out = check_out_file(Path(args.out) if args.out else card.artifact_output_path(MEMORY_SUFFIX))
     images, labels = _source_split(card.dataset, args.data_dir)
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
@@ -65,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float16 if args.dtype == "float16" else torch.float32
     feats, labels = build_source_memory(model, images, labels, batch_size=args.batch_size, dtype=dtype,
                                         device=args.device)
-    out = Path(args.out) if args.out else card.artifact_output_path(MEMORY_SUFFIX)
     save_memory(out, feats, labels, card.num_classes, {
         "card": card.name, "dataset": str(card.dataset), "split": "train", "rows": str(len(labels)),
         "checkpoint_sha256": str(card.sha256), "dtype": args.dtype,

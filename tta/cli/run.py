@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import platform
 import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tta.cli.checks import check_out_dir, make_out_dir
 from tta.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -58,36 +58,6 @@ def load_plugins(args: argparse.Namespace) -> None:
 
     for module in getattr(args, "plugins", []) or []:
         import_plugin(module)
-
-
-def check_out_dir(out: str | None) -> Path | None:
-    """Check up front that results can be written to --out (created later, after every other check)."""
-    if out is None:
-        return None
-    path = Path(out).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out {out}: the folder is not writable")
-        return path
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {out}: cannot create a folder under {parent}, which is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot create it, {parent} is not writable")
-    return path
-
-
-def make_out_dir(path: Path | None) -> Path | None:
-    if path is not None:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--out {path}: cannot create the folder ({exc.strerror or exc})") from exc
-    return path
 
 
 def parse_reset(value: str | None) -> str | int | None:
@@ -208,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tta.adapters import adapt, get_adapter_class
     from tta.cli.runlog import run_logging
-    from tta.engine import seed_everything
+    from tta.engine import resolve_device, seed_everything
     from tta.models import get_card
 
     load_plugins(args)
@@ -231,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_classes(card, spec)
         stream = build_stream(spec, args, seed)
+    resolve_device(args.device)  # an unknown or absent device fails before anything is written
     out = check_out_dir(args.out)
 
     seed_everything(seed)

@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 
+from tta.cli.checks import check_out_file
 from tta.errors import ConfigError
 
 
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dataset not in DATASETS:
         raise ConfigError(f"--dataset: unknown {args.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    check_out_file(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(

@@ -15,6 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
+from tta.cli.checks import check_out_file, check_positive
 from tta.errors import ConfigError
 
 VIDA_SUFFIX = ".vida.safetensors"
@@ -30,6 +31,11 @@ def warmup(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     card = get_card(args.model)
+    check_positive(steps=args.steps, batch_size=args.batch_size, low_rank=args.low_rank, high_rank=args.high_rank,
+                   limit_train=args.limit_train)
+    if not args.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    out = check_out_file(Path(args.out) if args.out else card.artifact_output_path(VIDA_SUFFIX))
     if card.dataset not in (None, "fashion-mnist"):
         raise ConfigError(f"warm-up data for dataset {card.dataset!r} is not available here (only fashion-mnist)")
     images, labels = load_fashion_mnist("train", args.data_dir)
@@ -45,7 +51,6 @@ def warmup(args: argparse.Namespace) -> int:
                             log=print if args.progress else None)
     stats["seconds"] = round(time.time() - start, 1)
     command = "tta " + " ".join(shlex.quote(a) for a in (args.argv or []))
-    out = Path(args.out) if args.out else card.artifact_output_path(VIDA_SUFFIX)
     save_adapter_weights(model, out, {"card": card.name, "low_rank": args.low_rank, "high_rank": args.high_rank,
                                       "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                       "train_images": int(x.shape[0]), "seed": args.seed, "command": command,
