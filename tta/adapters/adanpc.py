@@ -21,6 +21,29 @@ Composition with a normalisation adapter: ``norm`` chooses how the feature extra
 its BatchNorm layers: ``"source"`` (frozen source model, the paper), ``"bn"`` (test-batch
 statistics) or ``"alpha-bn"`` (mix with ``source_weight`` on the source statistics). The source
 memory is always built with source statistics.
+
+Source training. The authors do not run the memory over features of a cross-entropy network: their
+source model is trained with the kNN vote itself as the loss against a queue of recent training
+features (yfzhang114/AdaNPC ``domainbed/algorithms.py`` class ``KNN``; here ``tta train-source
+--objective knn``, `tta.models.knn_objective`, the card ``resnet20-fmnist-knn``). The vote of such
+a card over its source memory without adaptation (``extend_memory=False``) is its source model.
+
+AdaNPC-BN (``feature_bn=True``; reference ``domainbed/adapt_algorithms.py`` class ``AdaNPCBN``): a
+fresh BatchNorm1d (weight 1, bias 0, batch statistics) normalises the test features before the
+vote, and is trained by entropy minimisation of the vote: ``bn_steps`` = 3 Adam steps per batch at
+``bn_lr`` = 1e-5 (the reference: 0.01 x its training lr, 1e-3 Adam for small images; no weight
+decay), vote temperature 0.01. The returned prediction is the last step's vote (before its
+update); the memory receives the normalised BN features of that step with the vote's argmax.
+Differences from the reference code, all deliberate:
+
+- the reference appends the batch at every one of its 3 steps (each image enters the memory three
+  times, and steps 2-3 vote against the image's own copy from the step before, sim ~ 1 at tau
+  0.01, which mostly echoes step 1's label); here the batch is appended once, after the steps;
+- the loss is the entropy of the vote distribution; the reference takes the entropy of
+  softmax(scores), treating probabilities in [0, 1] as logits (nearly flat, tiny gradients):
+  ``softmax_entropy=True`` reproduces it;
+- a one-image batch is voted with the feature BN's running statistics and not adapted on (the
+  reference cannot normalise it).
 """
 
 from __future__ import annotations
