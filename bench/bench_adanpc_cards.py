@@ -19,7 +19,7 @@ Each row's result is written to ``OUT/<card>/<row>.json`` as it finishes (a reru
 the Markdown tables (error % per domain, mean) are printed at the end and written to ``OUT/tables.md``.
 ``--memory CARD=PATH`` runs a card's AdaNPC rows on another memory file.
 
-``--diagnose``: per domain, with the frozen source network (and with BN-adapted features), the mean
+``--diagnose``: on the clean test images and per domain, with the frozen source network (and with BN-adapted features), the mean
 cosine similarity of a test feature to its nearest source-memory row and the share of its 100
 nearest rows that carry its true label (neighbourhood purity), plus the vote's error.
 """
@@ -27,6 +27,7 @@ nearest rows that carry its true label (neighbourhood purity), plus the vote's e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -66,9 +67,12 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
 
 def run_rows(args: argparse.Namespace, memories: dict[str, str]) -> None:
     spec = load_spec(args.stream)
+    if args.full:  # None in the build call means "the spec's own size", so clear the spec's
+        spec = dataclasses.replace(spec, n_per_domain=None)
     n = None if args.full else args.limit
     seed = int(spec.seed or 0)
     stream = spec.build(n_per_domain=n, seed=seed, data_dir=args.data_dir)
+    print(f"{spec.name}: {len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images", flush=True)
     out = Path(args.out)
     tables = []
     for card in args.cards.split(","):
@@ -100,6 +104,17 @@ def run_rows(args: argparse.Namespace, memories: dict[str, str]) -> None:
     print(text)
 
 
+def clean_batches(n: int, batch_size: int) -> list[Any]:
+    """The first `n` clean Fashion-MNIST test images as stream batches (domain "clean")."""
+    from tta.streams.base import Batch
+    from tta.streams.fashion_mnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    x = torch.from_numpy(images[:n].transpose(0, 3, 1, 2).copy()).float().div_(255)
+    y = torch.from_numpy(labels[:n]).long()
+    return [Batch(x[i:i + batch_size], y[i:i + batch_size], "clean") for i in range(0, n, batch_size)]
+
+
 @torch.no_grad()
 def diagnose(args: argparse.Namespace, memories: dict[str, str]) -> None:
     """Per domain: nearest-row similarity, neighbourhood purity and vote error, source vs BN features."""
@@ -113,7 +128,7 @@ def diagnose(args: argparse.Namespace, memories: dict[str, str]) -> None:
         rows = F.normalize(feats_mem.float(), dim=1)
         models = {"source": tta.models.load(card), "bn": tta.adapt(tta.models.load(card), "bn").model}
         stats: dict[str, dict[str, list[torch.Tensor]]] = {}
-        for batch in stream:
+        for batch in [*clean_batches(args.limit, stream.batch_size), *stream]:
             for mode, model in models.items():
                 q = F.normalize(extract_features(model, batch.x).float(), dim=1)
                 scores, idx, sims = tta.ops.knn_vote(q, rows, labels_mem, num_classes, 100, 0.1, metric="ip",
