@@ -143,3 +143,25 @@ def test_train_source_knn_writes_card_probe_and_memory(tmp_path: Path, monkeypat
                       for i in (0, 50))
     assert adapter.memory.num_test == 0
     assert correct == knn["clean_correct_knn_vote"]
+
+
+@pytest.mark.data
+@pytest.mark.slow  # 10,000 test images against 60,000 rows
+def test_shipped_knn_card_memory_reproduces_the_recorded_vote_accuracy() -> None:
+    """models/resnet20-fmnist-knn: AdaNPC finds the shipped memory from the card name, and its vote
+    without adaptation (extend_memory=False) gives the card's recorded kNN clean accuracy."""
+    from tta.models import get_card
+    from tta.streams.fashion_mnist import load_fashion_mnist
+
+    card = get_card("resnet20-fmnist-knn")
+    knn = card.training["knn"]
+    adapter = tta.adapt(tta.models.load(card), "adanpc", memory=card.name, extend_memory=False)
+    assert adapter.memory.num_source == knn["memory_rows"] == 60000
+    images, labels = load_fashion_mnist("test")
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(labels).long()
+    with torch.inference_mode():
+        correct = sum(int((adapter(x[i:i + 500].float() / 255).argmax(1) == y[i:i + 500]).sum())
+                      for i in range(0, len(y), 500))
+    assert adapter.memory.num_test == 0
+    assert correct == knn["clean_correct_knn_vote"], f"{correct / 100:.2f}% vs card {knn['clean_accuracy_knn_vote']}%"
