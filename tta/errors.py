@@ -33,3 +33,7 @@ class StateMismatchError(TTAError, ValueError):
 
 class DataNotFoundError(TTAError, FileNotFoundError):
     """A dataset, stream spec, model card or checkpoint file is missing or malformed."""
+
+
+class StreamRemovedError(TTAError, RuntimeError):
+    """A `StreamPool` call waited for a stream that another thread removed meanwhile."""

@@ -13,6 +13,7 @@ from tta.cli.run import (
     load_spec,
     meta,
     model_name,
+    parse_guard,
     parse_reset,
     resolve_preset,
     run_seed,
@@ -66,6 +67,7 @@ def bench(args: argparse.Namespace) -> int:
     names = select_adapters(args.adapters)
     overrides = split_assignments(args.assignments, names)
     reset = parse_reset(args.reset)
+    guard = parse_guard(args)
     spec = load_spec(args)
     seed = run_seed(args, spec)
     preset = resolve_preset(args, spec)
@@ -86,7 +88,7 @@ def bench(args: argparse.Namespace) -> int:
             continue
         configs[name] = adapter.config
         print(f"[{name}]")
-        results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
+        results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
                                    progress=args.progress, seed=seed,
                                    log=None if args.progress else print)
     if not results:

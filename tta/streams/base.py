@@ -7,6 +7,26 @@ from dataclasses import dataclass
 
 import torch
 
+from tta.errors import ConfigError
+
+#: reset policies by name; an integer N ("every N") resets every N batches
+RESETS = ("never", "domain")
+
+
+def check_reset(reset: object) -> str | int:
+    """A stream's reset policy: "never", "domain", or N = reset every N batches (RDumb's periodic
+    reset, Press et al. 2023, resets every 1,000 steps); ``"every N"`` is read as N."""
+    if isinstance(reset, str) and reset.strip().lower().startswith("every"):
+        try:
+            reset = int(reset.split(None, 1)[1])
+        except (IndexError, ValueError):
+            raise ConfigError(f"reset 'every N' needs a number of batches, got {reset!r}") from None
+    if reset in RESETS:
+        return reset  # type: ignore[return-value]
+    if isinstance(reset, int) and not isinstance(reset, bool) and reset >= 1:
+        return reset
+    raise ConfigError(f"reset must be one of {RESETS} or 'every N' (N batches >= 1), got {reset!r}")
+
 
 @dataclass
 class Batch:

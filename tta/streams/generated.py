@@ -28,7 +28,8 @@ import torch
 from tta.errors import ConfigError
 from tta.streams.base import Batch, Stream
 from tta.streams.corruptions import CORRUPTIONS, corrupt
-from tta.streams.settings import RESETS, to_tensor
+from tta.streams.base import check_reset
+from tta.streams.settings import to_tensor
 
 # SeedSequence spawn keys: one independent random stream per purpose and index
 _EPOCH, _NOISE = 1, 2
@@ -44,15 +45,6 @@ class BatchPlan:
     domain: str
     size: int
     corruptions: tuple[tuple[str, float], ...]
-
-
-def check_reset(reset: object) -> str | int:
-    """A stream reset policy: "never", "domain" or a number of batches (RDumb's periodic reset)."""
-    if reset in RESETS:
-        return reset  # type: ignore[return-value]
-    if isinstance(reset, int) and not isinstance(reset, bool) and reset >= 1:
-        return reset
-    raise ConfigError(f"reset must be one of {RESETS} or a number of batches >= 1, got {reset!r}")
 
 
 class GeneratedStream(Stream):
@@ -170,4 +162,4 @@ def recurring_plans(
     ]
 
 
-__all__ = ["BatchPlan", "GeneratedStream", "check_reset", "recurring_plans"]
+__all__ = ["BatchPlan", "GeneratedStream", "recurring_plans"]
