@@ -25,6 +25,9 @@ Decision rule (at each probe, once `window` probes have been seen since the last
 - drift: pooled ``disagreement > max_disagreement`` -> roll back to the last healthy checkpoint
   (`action="rollback"`, default) or reset (`action="reset"`); a second drift before a new healthy
   checkpoint was taken resets to source (the checkpoint did not hold).
+- every reset the guard makes also scales the optimizer's learning rates by `lr_backoff`: a model
+  that collapses, or drifts again after a rollback, adapts too aggressively for its stream, and a
+  plain reset would replay the same failure (a 100x learning rate collapses again within batches).
 Healthy checkpoints: every `checkpoint_every` batches while the pooled signals are healthy, an
 in-memory copy of the adapter's adapted tensors and extra state (optimizer, RNG; frozen weights are
 shared, not copied); the guard keeps `keep` of them and rolls back to the newest one taken before the
@@ -63,6 +66,9 @@ class GuardConfig:
         fraction of the reference's on the same batches.
     min_entropy: collapse when the mean normalised prediction entropy over the window falls below this.
     checkpoint_every: batches between healthy checkpoints; keep: checkpoints kept.
+    lr_backoff: every reset the guard makes multiplies the adapter's optimizer learning rates by this
+        (1 = off). A reset means the adapter collapsed, or drifted again from a rolled-back state: its
+        adaptation is too aggressive for this stream, and resetting alone would replay the failure.
     action: what a drift triggers: "rollback" (to a healthy checkpoint) or "reset" (to source);
         "none" only records events (monitoring).
     reference: "auto" (test-batch statistics when the model has BatchNorm, else the source model),
@@ -77,6 +83,7 @@ class GuardConfig:
     min_entropy: float = 0.02
     checkpoint_every: int = 50
     keep: int = 3
+    lr_backoff: float = 0.5
     action: Literal["rollback", "reset", "none"] = "rollback"
     reference: Literal["auto", "bn", "source"] = "auto"
 
@@ -85,7 +92,7 @@ class GuardConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"guard {key} must be an integer >= 1, got {value!r}")
-        for key in ("confident", "max_disagreement", "min_diversity_ratio", "min_entropy"):
+        for key in ("confident", "max_disagreement", "min_diversity_ratio", "min_entropy", "lr_backoff"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"guard {key} must be a number in [0, 1], got {value!r}")
@@ -190,6 +197,7 @@ class CollapseGuard:
         self.events: list[dict[str, Any]] = []
         self.probes = 0
         self.checkpoints_taken = 0
+        self.lr_scale = 1.0  # product of the learning-rate backoffs applied so far
         self._frozen = {id(t) for t in adapter.frozen_tensors()}
         self._checkpoints: deque[_Checkpoint] = deque(maxlen=self.config.keep)
         self._since_action = 0
@@ -285,10 +293,17 @@ class CollapseGuard:
             action = "rollback"
             older = [ck for ck in self._checkpoints if ck.batch <= batch - span]
             target = older[-1] if older else self._checkpoints[0]
+        lr_scale = None
         if action == "reset":
             self.adapter.reset()
             self._checkpoints.clear()
             self._rolled_back = False
+            optimizer = getattr(self.adapter, "optimizer", None)
+            if optimizer is not None and cfg.lr_backoff != 1.0:
+                for group in optimizer.param_groups:
+                    group["lr"] *= cfg.lr_backoff
+                self.lr_scale *= cfg.lr_backoff
+                lr_scale = self.lr_scale
         elif action == "rollback":
             assert target is not None
             target.restore(self.adapter)
@@ -300,6 +315,7 @@ class CollapseGuard:
             "action": action,
             "reason": reason,
             "to_batch": None if target is None else target.batch,
+            "lr_scale": lr_scale,
             "signals": {k: round(v, 4) for k, v in signals.items()},
         }
         self.events.append(event)
@@ -311,7 +327,7 @@ class CollapseGuard:
 
     def summary(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "probes": self.probes, "checkpoints": self.checkpoints_taken,
-                "events": len(self.events)}
+                "events": len(self.events), "lr_scale": self.lr_scale}
 
 
 __all__ = ["CollapseGuard", "GuardConfig", "reference_model"]
