@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tta.engine.adapted_state import adapted_state, frozen_names, load_adapted
 from tta.errors import ConfigError, InvalidInputError
 from tta.layers import calibrated_layers, has_batchnorm, replace_batchnorms
 
@@ -155,23 +156,22 @@ def _normalised_entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 class _Checkpoint:
-    """In-memory copy of an adapter's adapted state (frozen tensors referenced, not copied)."""
+    """In-memory copy of an adapter's adapted state (`tta.engine.adapted_state`: frozen tensors are
+    shared, neither copied nor written back)."""
 
-    def __init__(self, adapter: nn.Module, batch: int, frozen: set[int]) -> None:
+    def __init__(self, adapter: nn.Module, batch: int, frozen: set[str]) -> None:
         self.batch = batch
-        self.state = {
-            k: (v if not isinstance(v, torch.Tensor) or id(v) in frozen else v.detach().clone())
-            for k, v in adapter.state_dict(keep_vars=True).items()
-            if k != "_extra_state"
-        }
-        self.extra = copy.deepcopy(adapter.get_extra_state()) if hasattr(adapter, "get_extra_state") else None
+        self.frozen = frozen
+        self.state = adapted_state(adapter, frozen, clone=True)
+        if "_extra_state" in self.state:
+            self.state["_extra_state"] = copy.deepcopy(self.state["_extra_state"])
 
     def restore(self, adapter: nn.Module) -> None:
         counters = dict(getattr(adapter, "counters", {}))  # counters say what happened; they do not roll back
-        state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self.state.items()}
-        if self.extra is not None:
-            state["_extra_state"] = copy.deepcopy(self.extra)
-        adapter.load_state_dict(state)
+        state = dict(self.state)
+        if "_extra_state" in state:
+            state["_extra_state"] = copy.deepcopy(state["_extra_state"])
+        load_adapted(adapter, state, self.frozen, f"guard checkpoint of batch {self.batch}")
         if counters:
             adapter.counters.update(counters)
 
@@ -198,7 +198,7 @@ class CollapseGuard:
         self.probes = 0
         self.checkpoints_taken = 0
         self.lr_scale = 1.0  # product of the learning-rate backoffs applied so far
-        self._frozen = {id(t) for t in adapter.frozen_tensors()}
+        self._frozen = frozen_names(adapter)
         self._checkpoints: deque[_Checkpoint] = deque(maxlen=self.config.keep)
         self._since_action = 0
         self._rolled_back = False

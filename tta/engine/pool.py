@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tta.adapters.base import Adapter, read_state
+from tta.engine.adapted_state import adapted_state, frozen_names, load_adapted
 from tta.engine.runner import autocast, resolve_amp, resolve_device
 from tta.engine.store import FolderStateStore, StateStore, stream_key
 from tta.errors import ConfigError, InvalidInputError, StateMismatchError, StreamRemovedError
@@ -83,10 +84,7 @@ class StreamPool:
         self.store = store
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
         self._pool_lock = threading.Lock()
-        self._frozen_names = {
-            name for name, t in adapter.state_dict(keep_vars=True).items()
-            if isinstance(t, torch.Tensor) and id(t) in {id(f) for f in adapter.frozen_tensors()}
-        }
+        self._frozen_names = frozen_names(adapter)
         self.evictions = 0
         self.restores = 0
 
@@ -128,12 +126,8 @@ class StreamPool:
 
     def _adapted_bytes(self, adapter: Adapter) -> bytes:
         """The adapter's state without the shared frozen tensors, as weights-only `torch.save` bytes."""
-        state = {
-            k: (v.detach() if isinstance(v, torch.Tensor) else v)
-            for k, v in adapter.state_dict(keep_vars=True).items() if k not in self._frozen_names
-        }
         buf = io.BytesIO()
-        torch.save(state, buf)
+        torch.save(adapted_state(adapter, self._frozen_names), buf)
         return buf.getvalue()
 
     def _load_adapted(self, adapter: Adapter, data: bytes, what: str) -> None:
@@ -143,12 +137,7 @@ class StreamPool:
             raise StateMismatchError(f"{what} is not a readable adapter state: {exc}") from exc
         if not isinstance(state, dict):
             raise StateMismatchError(f"{what} does not hold an adapter state dict")
-        full = {k: v for k, v in adapter.state_dict(keep_vars=True).items() if k in self._frozen_names}
-        full.update(state)
-        try:
-            adapter.load_state_dict(full)
-        except RuntimeError as exc:  # missing/unexpected keys, wrong shapes
-            raise StateMismatchError(f"{what} does not fit this pool's adapter: {exc}") from exc
+        load_adapted(adapter, state, self._frozen_names, what)
 
     def _evict_idle(self) -> None:
         """Write least recently used idle streams to the store until at most `max_streams` remain."""
@@ -233,7 +222,9 @@ class StreamPool:
                         f"{path}: frozen tensor {name!r} differs from this pool's source model; the state "
                         "was adapted from other source weights"
                     )
-            adapter.load_state_dict(state)
+            # the frozen tensors are shared by every stream: never written (equal values checked above)
+            load_adapted(adapter, {k: v for k, v in state.items() if k not in self._frozen_names},
+                         self._frozen_names, str(path))
         finally:
             entry.lock.release()
         self._evict_idle()
