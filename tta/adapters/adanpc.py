@@ -421,6 +421,11 @@ class AdaNPC(Adapter):
         with source_statistics(self.model):
             return self._vote(x)[1]
 
+    @torch.no_grad()
+    def predict_current(self, x: torch.Tensor) -> torch.Tensor:
+        """The vote of the current memory, nothing added to it (real-time protocol's skipped batches)."""
+        return self._vote(x)[1]
+
     def reset(self) -> None:
         super().reset()
         if self.memory is not None:

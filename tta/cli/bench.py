@@ -21,6 +21,7 @@ from tta.cli.run import (
     meta,
     model_name,
     parse_guard,
+    parse_realtime,
     parse_reset,
     resolve_preset,
     run_seed,
@@ -80,6 +81,7 @@ def bench(args: argparse.Namespace) -> int:
     overrides = split_assignments(args.assignments, names)
     reset = parse_reset(args.reset)
     guard = parse_guard(args)
+    realtime = parse_realtime(args)
     spec = load_spec(args)
     seed = run_seed(args, spec)
     preset = resolve_preset(args, spec)
@@ -108,7 +110,7 @@ def bench(args: argparse.Namespace) -> int:
             logger.info(f"[{name}]")
             try:
                 results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
-                                           progress=args.progress, seed=seed, log=logger.info)
+                                           realtime=realtime, progress=args.progress, seed=seed, log=logger.info)
             except Exception as exc:  # noqa: BLE001 - one adapter's failure must not cost the others' results
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 logger.error(f"[{name}] failed: {failed[name]}", exc_info=out is not None and not isinstance(exc, TTAError))

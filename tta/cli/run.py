@@ -49,6 +49,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="collapse-guard setting (repeatable; implies --guard), e.g. --guard-set action=reset")
     parser.add_argument("--stream-set", dest="stream_assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="override a stream spec field (repeatable), e.g. --stream-set length=300000")
+    parser.add_argument("--realtime", default=None, metavar="RATE",
+                        help="real-time protocol (Alfarra et al., ICML 2024): a batch arrives every K source-model "
+                             "forwards (Kx-source, e.g. 1x-source) or RATE batches per second; batches that arrive "
+                             "while the adapter is busy are predicted without adapting and count in the error")
+    parser.add_argument("--realtime-costs", default="calibrated", choices=("calibrated", "measured"),
+                        help="real-time step costs: calibrated once per run (deterministic schedule) or each "
+                             "step's measured time")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the stream order and of torch (default: the spec's)")
@@ -77,6 +84,15 @@ def parse_reset(value: str | None) -> str | int | None:
     if n < 1:
         raise ConfigError(f"--reset N needs N >= 1, got {n}")
     return n
+
+
+def parse_realtime(args: argparse.Namespace) -> Any:
+    """The `RealtimeConfig` of --realtime / --realtime-costs, or None."""
+    if getattr(args, "realtime", None) is None:
+        return None
+    from tta.engine.realtime import RealtimeConfig
+
+    return RealtimeConfig(rate=args.realtime, costs=args.realtime_costs)
 
 
 def parse_guard(args: argparse.Namespace) -> Any:
@@ -203,7 +219,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = get_adapter_class(args.adapter).Config.parse_assignments(args.assignments)
     reset = parse_reset(args.reset)
     guard = parse_guard(args)
+    realtime = parse_realtime(args)
     video = args.video is not None or args.camera is not None
+    if video and realtime is not None:
+        raise ConfigError("--realtime applies to streams; frames from --video/--camera are processed as they come")
     if video:
         from tta.cli.video import check_video_arguments, open_frames
 
@@ -231,11 +250,11 @@ def run(args: argparse.Namespace) -> int:
 
             return run_frames(args, adapter, card, frames, out, meta(args, None, seed, preset,
                                                                      {adapter.name: adapter.config}), logger)
-        return _run_stream(args, adapter, spec, stream, seed, preset, reset, guard, out, logger)
+        return _run_stream(args, adapter, spec, stream, seed, preset, reset, guard, realtime, out, logger)
 
 
 def _run_stream(args: argparse.Namespace, adapter: Any, spec: Any, stream: Any, seed: int, preset: str | None,
-                reset: Any, guard: Any, out: Path | None, logger: Any) -> int:
+                reset: Any, guard: Any, realtime: Any, out: Path | None, logger: Any) -> int:
     from tta.engine import run_stream
     from tta.engine.report import format_table, write_results
 
@@ -243,7 +262,7 @@ def _run_stream(args: argparse.Namespace, adapter: Any, spec: Any, stream: Any, 
                 f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, "
                 f"seed {seed}")
     result = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
-                        progress=args.progress, seed=seed, log=logger.info)
+                        realtime=realtime, progress=args.progress, seed=seed, log=logger.info)
     logger.info(f"{result.images} images, {result.images_per_s:.1f} images/s, latency p50 {result.latency_ms_p50:.1f} ms "
                 f"p95 {result.latency_ms_p95:.1f} ms, {result.steps} adaptation steps on {result.device}")
     if out is not None:

@@ -16,6 +16,7 @@ from torch import nn
 from tta.engine.guard import CollapseGuard, GuardConfig
 from tta.engine.metrics import BatchTrace, ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
+from tta.engine.realtime import RealtimeConfig, RealtimeSchedule, as_realtime_config
 from tta.errors import ConfigError, NonFiniteInputError
 from tta.streams.base import Batch, Stream
 from tta.streams.base import check_reset
@@ -81,6 +82,7 @@ def run_stream(
     on_nonfinite: Literal["skip", "raise"] = "skip",
     keep_predictions: bool = False,
     guard: GuardConfig | bool | None = None,
+    realtime: RealtimeConfig | str | float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Predict-and-adapt on every batch of `stream`; returns per-domain error and speed metrics.
@@ -100,6 +102,11 @@ def run_stream(
     keep_predictions: keep the predicted class of every image (``-1`` for skipped batches).
     guard: run the adapter under a `CollapseGuard` (True = default `GuardConfig`): its events
         (rollbacks, resets, with the signals that triggered them) go into ``guard_events``.
+    realtime: the real-time protocol of Alfarra et al. (ICML 2024; `tta.engine.realtime`): batches
+        arrive at a fixed rate (``"2x-source"``: a batch every 2 source-model forwards; a number:
+        batches per second, or a `RealtimeConfig`); batches arriving while the adapter is busy are
+        predicted by its current state without an update and count in the error. Its settings,
+        costs and the fraction of batches adapted go into ``realtime``.
     log: receives one line per finished domain and the mean; default: printed under the
         progress bar when `progress`, else sent to the ``tta.engine`` logger. Domain lines read as
         the reference CTTA library (mariodoebler/test-time-adaptation) writes them:
@@ -121,6 +128,8 @@ def run_stream(
     if guard is True:
         guard = GuardConfig()
     watcher = CollapseGuard(adapter, guard).to(dev) if guard else None
+    realtime = as_realtime_config(realtime)
+    schedule = RealtimeSchedule(realtime) if realtime is not None else None
 
     tqdm_cls = _tqdm() if progress else None
     if log is None:
@@ -188,7 +197,13 @@ def run_stream(
             try:
                 x = batch.x.to(dev, non_blocking=non_blocking)
                 with autocast(dev, amp_dtype):
-                    outputs = adapter(x)
+                    if schedule is None:
+                        outputs = adapter(x)
+                    else:
+                        if schedule.interval is None:  # costs measured once, on the first batch
+                            schedule.calibrate(adapter, x)
+                            t_start = t0 = time.perf_counter()
+                        outputs = schedule.step(adapter, k, x)
                 pred = predicted_classes(outputs).cpu()  # host sync: latency includes the device work
                 if not bool(torch.isfinite(outputs).all()):
                     nonfinite_outputs += 1
@@ -286,6 +301,7 @@ def run_stream(
         guard_events=list(watcher.events) if watcher is not None else [],
         guard=watcher.summary() if watcher is not None else None,
         guard_seconds=guard_seconds,
+        realtime=schedule.summary() if schedule is not None else None,
         trace=trace,
         predictions=torch.cat(predictions) if keep_predictions and predictions else None,
     )
