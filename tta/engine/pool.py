@@ -229,6 +229,17 @@ class StreamPool:
             entry.lock.release()
         self._evict_idle()
 
+    def checkpoint(self, stream_id: Hashable) -> None:
+        """Write stream `stream_id`'s adapted state to the store now (atomically, as an eviction
+        would), keeping it in memory: after a crash, the stream restarts from here."""
+        if self.store is None:
+            raise ConfigError("checkpoint() needs a pool with a state store (store=... or max_streams=...)")
+        entry = self._acquire(stream_id)
+        try:
+            self.store.write(stream_key(stream_id), self._adapted_bytes(entry.adapter))
+        finally:
+            entry.lock.release()
+
     def get(self, stream_id: Hashable) -> Adapter:
         """The adapter holding stream `stream_id`'s state now (created when new). In a bounded pool
         the stream may later be evicted and restored into another adapter: do not keep this one."""
