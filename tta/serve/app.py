@@ -158,6 +158,11 @@ class Ingress:
         return {"status": "ok" if ok else "degraded", "adapter": self.config.adapter, "model": self.config.card_name(),
                 "replicas": replicas}
 
+    async def replica_actor_name(self, stream_id: str) -> str:
+        """The Ray actor name of the replica holding `stream_id` (operations, fault drills)."""
+        check_stream_id(stream_id)
+        return await self._replica(stream_id).actor_name.remote()
+
     def replica_index(self, stream_id: str) -> int:
         return replica_of(check_stream_id(stream_id), len(self.replicas))
 
