@@ -242,7 +242,7 @@ def main() -> int:
     base = ServeConfig(adapter=args.adapter, max_streams=args.max_streams, checkpoint_every=args.checkpoint_every,
                        threads=args.threads, port=args.port, max_batch_images=args.batch_size)
     template = build_adapter(base)
-    ray.init(num_cpus=max(replicas), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(num_cpus=max(replicas), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     report: dict = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
                     "ray": ray.__version__, "args": vars(args)}

@@ -216,7 +216,7 @@ def test_killed_replica_restarts_from_the_store_losing_at_most_k_steps(served):
 
     sid = "fault"
     xs = batches(11, 8)
-    conn = http.client.HTTPConnection("127.0.0.1", config.port, timeout=300)
+    conn = http.client.HTTPConnection("127.0.0.1", config.port, timeout=600)
     for x in xs[:5]:
         status, doc = post_npy(conn, sid, x)
         assert status == 200
@@ -224,14 +224,14 @@ def test_killed_replica_restarts_from_the_store_losing_at_most_k_steps(served):
     name = handle.replica_actor_name.remote(sid).result()
     ray.kill(ray.get_actor(name, namespace="serve"))
     after = []
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # the restart loads the model again: seconds, minutes on a loaded box
     i = 5
     while i < 8 and time.monotonic() < deadline:
         try:
             status, doc = post_npy(conn, sid, xs[i])
         except (OSError, http.client.HTTPException):
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", config.port, timeout=300)
+            conn = http.client.HTTPConnection("127.0.0.1", config.port, timeout=600)
             status = 599
         if status == 200:
             after.append(doc)

@@ -271,7 +271,7 @@ def deploy(config: ServeConfig) -> Any:
             ray.init(address=config.address, log_to_driver=False, configure_logging=False)
         else:
             ray.init(num_cpus=max(1, math.ceil(config.replicas * config.cpus_per_replica)), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False,
+                     log_to_driver=False, configure_logging=False,
                      _metrics_export_port=config.metrics_port)
             _STARTED_RAY = True
     serve.start(http_options={"host": config.host, "port": config.port})
