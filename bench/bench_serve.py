@@ -176,13 +176,15 @@ def run_fault(args, config, template, batches: list[np.ndarray]) -> dict:
     deadline = time.perf_counter() + args.max_seconds
     rest = batches[args.kill_after:]
     i = 0
+    conn.close()
     while i < len(rest) and time.perf_counter() < deadline:
+        conn = http.client.HTTPConnection(config.host, config.port, timeout=300)  # a new one per attempt
         try:
             status, doc = post_npy(conn, sid, rest[i])
         except (OSError, http.client.HTTPException):
-            conn.close()
-            conn = http.client.HTTPConnection(config.host, config.port, timeout=300)
             status, doc = 599, {}
+        finally:
+            conn.close()
         if status != 200:
             failures += 1
             time.sleep(0.5)

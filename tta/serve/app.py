@@ -80,7 +80,7 @@ class Replica:
         self._resident.set(event["resident"])
         self._evictions.set(self.service.pool.evictions)
         self._restores.set(self.service.pool.restores)
-        if self.service._stats[stream_id].checkpoint_step == event["steps"] and event["steps"] > 0:
+        if event["checkpointed"]:
             self._checkpoints.inc(1, tags=tags)
 
     async def submit(self, stream_id: str, batch: np.ndarray) -> int:
@@ -109,8 +109,8 @@ class Replica:
 
     def check_health(self) -> None:
         """Serve's periodic health check: the worker thread must be alive."""
-        if self.service._executor._shutdown:  # noqa: SLF001 - the only signal a closed executor gives
-            raise RuntimeError("the replica's worker thread has stopped")
+        if self.service.closed:
+            raise RuntimeError("the replica's service is closed")
 
     def __del__(self) -> None:  # Serve calls it on a graceful shutdown: keep every stream's adaptation
         service = getattr(self, "service", None)
@@ -129,6 +129,7 @@ class Ingress:
         card = get_card(config.card_name())
         self.input = InputSpec(tuple(card.input_size), config.max_request_images, config.max_request_bytes)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}  # requests holding or waiting for a stream's lock
 
     # ------------------------------------------------------------------ handle API
     async def predict(self, stream_id: str, images: Any) -> dict[str, Any]:
@@ -171,16 +172,16 @@ class Ingress:
 
     async def _route(self, stream_id: str, batch: np.ndarray) -> dict[str, Any]:
         replica = self._replica(stream_id)
-        lock = self._locks.get(stream_id)
-        if lock is None:
-            lock = self._locks[stream_id] = asyncio.Lock()
+        lock = self._locks.setdefault(stream_id, asyncio.Lock())
+        self._users[stream_id] = self._users.get(stream_id, 0) + 1
         try:
-            async with lock:  # queued at the replica in the order received here
+            async with lock:  # queued at the replica in the order received here (asyncio.Lock is FIFO)
                 ticket = await replica.submit.remote(stream_id, batch)
-            return await replica.result.remote(ticket)
         finally:
-            if not lock.locked() and self._locks.get(stream_id) is lock and not getattr(lock, "_waiters", None):
-                del self._locks[stream_id]
+            self._users[stream_id] -= 1
+            if not self._users[stream_id]:  # nobody holds or waits for it: forget the lock
+                del self._users[stream_id], self._locks[stream_id]
+        return await replica.result.remote(ticket)
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> JSONResponse:

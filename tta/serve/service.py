@@ -121,6 +121,7 @@ class StreamService:
         self._stats: OrderedDict[str, StreamStats] = OrderedDict()
         self.started = time.time()
         self.batches = 0
+        self.closed = False
 
     # ------------------------------------------------------------------ async API
     async def submit(self, stream_id: str, batch: np.ndarray) -> int:
@@ -236,13 +237,14 @@ class StreamService:
         stats.steps = steps
         stats.entropy_sum += float(entropy.sum())
         self.batches += 1
-        if steps - stats.checkpoint_step >= self.config.checkpoint_every:
+        checkpointed = steps - stats.checkpoint_step >= self.config.checkpoint_every
+        if checkpointed:
             self.pool.checkpoint(stream_id)
             stats.checkpoints += 1
             stats.checkpoint_step = steps
         if self.on_batch is not None:
             self.on_batch(stream_id, {"images": len(x), "steps": steps, "entropy": float(entropy.mean()),
-                                      "resident": len(self.pool)})
+                                      "resident": len(self.pool), "checkpointed": checkpointed})
         return {"step": steps, "classes": classes.numpy(), "confidence": confidence.numpy()}
 
     def _reset(self, stream_id: str) -> dict[str, Any]:
@@ -282,8 +284,11 @@ class StreamService:
         return n
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._executor.shutdown(wait=True)  # the running batch finishes first
         self.checkpoint_all()
-        self._executor.shutdown(wait=True)
 
 
 __all__ = ["MAX_STATS", "StreamService", "StreamStats", "build_adapter"]
