@@ -174,6 +174,7 @@ def test_bench_realtime_reports_adapted_fraction_and_costs(tmp_path, capsys, mon
     for name in ("source", "tent"):
         rt = data[name]["realtime"]
         assert rt["rate"] == "1x-source" and rt["costs"] == "calibrated"
+        assert rt["time_unit"] == "source model forward"
         assert rt["adapted_batches"] + rt["predicted_batches"] == 30
         assert rt["adapter_cost_source_forwards"] > 0
     assert data["tent"]["realtime"]["adapted_fraction"] < 1.0  # forward + backward: slower than the source
@@ -188,3 +189,17 @@ def test_cli_rejects_a_bad_rate_before_the_run(tmp_path, capsys):
     assert rc == 2
     assert "realtime rate" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_time_unit_is_the_source_models_forward(single_thread):
+    """With `source`, the interval and the cost are in forwards of that model (not of the adapter's
+    prediction network, which can be heavier: ViDA, VDP)."""
+    torch.manual_seed(0)
+    source = tiny_cnn()
+    adapter = tta.adapt(tiny_cnn(), "bn")
+    s = RealtimeSchedule(RealtimeConfig(rate="1x-source", source=source, calibration_batches=2))
+    s.calibrate(adapter, torch.rand(16, 3, 8, 8))
+    assert s.summary()["time_unit"] == "source model forward" and s.interval == 1.0
+    s2 = RealtimeSchedule(RealtimeConfig(rate="1x-source", source=source, adapter_cost=3.0))
+    s2.calibrate(adapter, torch.rand(16, 3, 8, 8))
+    assert s2.cost == 3.0 and s2.summary()["adapter_step_ms"] is None

@@ -86,13 +86,13 @@ def parse_reset(value: str | None) -> str | int | None:
     return n
 
 
-def parse_realtime(args: argparse.Namespace) -> Any:
-    """The `RealtimeConfig` of --realtime / --realtime-costs, or None."""
+def parse_realtime(args: argparse.Namespace, source: Any = None) -> Any:
+    """The `RealtimeConfig` of --realtime / --realtime-costs (its time unit: `source`'s forward), or None."""
     if getattr(args, "realtime", None) is None:
         return None
     from tta.engine.realtime import RealtimeConfig
 
-    return RealtimeConfig(rate=args.realtime, costs=args.realtime_costs)
+    return RealtimeConfig(rate=args.realtime, costs=args.realtime_costs, source=source)
 
 
 def parse_guard(args: argparse.Namespace) -> Any:
@@ -250,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
 
             return run_frames(args, adapter, card, frames, out, meta(args, None, seed, preset,
                                                                      {adapter.name: adapter.config}), logger)
+        if realtime is not None:  # the time unit: a forward of the source model, loaded fresh
+            realtime = parse_realtime(args, source=load_model(args))
         return _run_stream(args, adapter, spec, stream, seed, preset, reset, guard, realtime, out, logger)
 
 
