@@ -178,7 +178,7 @@ def run_fault(args, config, template, batches: list[np.ndarray]) -> dict:
     i = 0
     conn.close()
     while i < len(rest) and time.perf_counter() < deadline:
-        conn = http.client.HTTPConnection(config.host, config.port, timeout=300)  # a new one per attempt
+        conn = http.client.HTTPConnection(config.host, config.port, timeout=300)
         try:
             status, doc = post_npy(conn, sid, rest[i])
         except (OSError, http.client.HTTPException):
