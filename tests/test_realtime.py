@@ -168,7 +168,7 @@ def test_bench_realtime_reports_adapted_fraction_and_costs(tmp_path, capsys, mon
     if not (data_root() / "fashion-mnist-c").is_dir():
         pytest.skip("needs Fashion-MNIST-C (TTA_DATA_DIR)")
     rc = main(["bench", "--adapters", "source,tent", "--limit", "32", "--batch-size", "16", "--realtime", "1x-source",
-               "--out", str(tmp_path), "--no-progress"])
+               "--realtime-cost", "tent=3", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     data = json.loads((tmp_path / "results.json").read_text())
     for name in ("source", "tent"):
@@ -177,17 +177,25 @@ def test_bench_realtime_reports_adapted_fraction_and_costs(tmp_path, capsys, mon
         assert rt["time_unit"] == "source model forward"
         assert rt["adapted_batches"] + rt["predicted_batches"] == 30
         assert rt["adapter_cost_source_forwards"] > 0
-    assert data["tent"]["realtime"]["adapted_fraction"] < 1.0  # forward + backward: slower than the source
+    assert data["tent"]["realtime"]["adapter_cost_source_forwards"] == 3.0  # pinned: batches 0, 3, ..., 27
+    assert data["tent"]["realtime"]["adapted_batches"] == 10 and data["tent"]["realtime"]["adapter_step_ms"] is None
+    assert data["source"]["realtime"]["adapter_step_ms"] > 0  # calibrated
     assert data["tent"]["steps"] == data["tent"]["realtime"]["adapted_batches"]
     assert "adapted %" in capsys.readouterr().out
 
 
-def test_cli_rejects_a_bad_rate_before_the_run(tmp_path, capsys):
+@pytest.mark.parametrize("extra, words", [
+    (["--realtime", "fast"], "realtime rate"),
+    (["--realtime", "1x-source", "--realtime-cost", "tent=slow"], "--realtime-cost takes"),
+    (["--realtime", "1x-source", "--realtime-cost", "-2"], "positive number"),
+    (["--realtime-cost", "2"], "needs --realtime"),
+])
+def test_cli_rejects_bad_realtime_options_before_the_run(tmp_path, capsys, extra, words):
     from tta.cli import main
 
-    rc = main(["bench", "--adapters", "tent", "--realtime", "fast", "--out", str(tmp_path / "o")])
+    rc = main(["bench", "--adapters", "tent", *extra, "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "realtime rate" in capsys.readouterr().err
+    assert words in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -110,7 +110,7 @@ def bench(args: argparse.Namespace) -> int:
             logger.info(f"[{name}]")
             try:
                 if realtime is not None:  # the time unit: a forward of the source model, in this adapter's run
-                    realtime = parse_realtime(args, source=load_model(args))
+                    realtime = parse_realtime(args, source=load_model(args), adapter=name)
                 results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
                                            realtime=realtime, progress=args.progress, seed=seed, log=logger.info)
             except Exception as exc:  # noqa: BLE001 - one adapter's failure must not cost the others' results

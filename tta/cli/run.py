@@ -56,6 +56,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime-costs", default="calibrated", choices=("calibrated", "measured"),
                         help="real-time step costs: calibrated once per run (deterministic schedule) or each "
                              "step's measured time")
+    parser.add_argument("--realtime-cost", dest="realtime_cost", action="append", default=[],
+                        metavar="[ADAPTER=]COST",
+                        help="pin an adapter's step cost in source forwards instead of calibrating it (repeats a "
+                             "real-time run exactly, e.g. with the costs of a previous results.json); repeatable")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the stream order and of torch (default: the spec's)")
@@ -86,13 +90,33 @@ def parse_reset(value: str | None) -> str | int | None:
     return n
 
 
-def parse_realtime(args: argparse.Namespace, source: Any = None) -> Any:
-    """The `RealtimeConfig` of --realtime / --realtime-costs (its time unit: `source`'s forward), or None."""
+def parse_realtime(args: argparse.Namespace, source: Any = None, adapter: str | None = None) -> Any:
+    """The `RealtimeConfig` of --realtime / --realtime-costs / --realtime-cost for `adapter` (time unit:
+    `source`'s forward), or None."""
     if getattr(args, "realtime", None) is None:
+        if getattr(args, "realtime_cost", None):
+            raise ConfigError("--realtime-cost needs --realtime RATE")
         return None
     from tta.engine.realtime import RealtimeConfig
 
-    return RealtimeConfig(rate=args.realtime, costs=args.realtime_costs, source=source)
+    return RealtimeConfig(rate=args.realtime, costs=args.realtime_costs, source=source,
+                          adapter_cost=pinned_cost(getattr(args, "realtime_cost", []) or [], adapter))
+
+
+def pinned_cost(items: list[str], adapter: str | None) -> float | None:
+    """The cost --realtime-cost gives `adapter` (``NAME=COST`` for one adapter, ``COST`` for all)."""
+    found = None
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            cost = float(value)
+        except ValueError:
+            raise ConfigError(f"--realtime-cost takes [ADAPTER=]COST (source forwards), got {item!r}") from None
+        if not (cost > 0 and cost != float("inf")):
+            raise ConfigError(f"--realtime-cost must be a positive number of source forwards, got {item!r}")
+        if not name or name == adapter:
+            found = cost
+    return found
 
 
 def parse_guard(args: argparse.Namespace) -> Any:
@@ -251,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
             return run_frames(args, adapter, card, frames, out, meta(args, None, seed, preset,
                                                                      {adapter.name: adapter.config}), logger)
         if realtime is not None:  # the time unit: a forward of the source model, loaded fresh
-            realtime = parse_realtime(args, source=load_model(args))
+            realtime = parse_realtime(args, source=load_model(args), adapter=adapter.name)
         return _run_stream(args, adapter, spec, stream, seed, preset, reset, guard, realtime, out, logger)
 
 
