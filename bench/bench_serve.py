@@ -260,8 +260,9 @@ def main() -> int:
         equal = {s: out["classes"][s] == pool["classes"][s] for s in streams}
         out["equal_to_pool"] = all(equal.values())
         out["equal_streams"] = sum(equal.values())
-        print(f"serve, {r} replica(s): {out['images_per_s']:.1f} images/s ({out['images_per_s'] / pool['images_per_s']:.2f}x "
-              f"the pool), p50 {out['p50_ms']:.1f} ms, p95 {out['p95_ms']:.1f} ms, {out['evictions']} evictions / "
+        ratio = out["images_per_s"] / pool["images_per_s"]
+        print(f"serve, {r} replica(s): {out['images_per_s']:.1f} images/s ({ratio:.2f}x the pool), "
+              f"p50 {out['p50_ms']:.1f} ms, p95 {out['p95_ms']:.1f} ms, {out['evictions']} evictions / "
               f"{out['restores']} restores, predictions equal to the pool on {out['equal_streams']}/{len(streams)} "
               f"streams, stopped by {out['stopped_by']}", flush=True)
         report[f"serve_{r}"] = {k: v for k, v in out.items() if k != "classes"}

@@ -64,7 +64,8 @@ def post(url: str, body: bytes, ctype: str) -> tuple[int, dict]:
 def test_tta_serve_command_starts_answers_and_stops_by_itself(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tta.cli import main; sys.exit(main())", "serve", "--port", str(port), "--duration", "240",
+    cli = [sys.executable, "-c", "import sys; from tta.cli import main; sys.exit(main())"]
+    proc = subprocess.Popen([*cli, "serve", "--port", str(port), "--duration", "240",
                              "--state-dir", str(tmp_path / "states"), "--max-streams", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
@@ -206,7 +207,8 @@ def test_health_stream_stats_reset_and_ray_metrics(served):
         if 'tta_stream_batches_total' in text and 'stream="metered"' in text and "tta_stream_entropy" in text:
             break
         time.sleep(2)
-    lines = [ln for ln in text.splitlines() if ln.startswith("ray_tta_stream_batches_total") and 'stream="metered"' in ln]
+    lines = [ln for ln in text.splitlines()
+             if ln.startswith("ray_tta_stream_batches_total") and 'stream="metered"' in ln]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == 3.0
 
 

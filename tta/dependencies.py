@@ -1,7 +1,8 @@
 """Which extra of the `tta-runtime` distribution installs a missing module (torch-free).
 
 The base install (`pip install tta-runtime`) holds numpy, PyYAML and platformdirs: `tta list`, cards and
-specs. `[edge]` adds onnxruntime + safetensors (`tta.edge`), `[video]` OpenCV, `[torch]` the full runtime, `[serve]` Ray Serve (`tta serve`).
+specs. `[edge]` adds onnxruntime + safetensors (`tta.edge`), `[video]` OpenCV, `[torch]` the full runtime,
+`[serve]` Ray Serve (`tta serve`).
 A feature reached without its extra raises `MissingDependencyError` naming the pip line instead of a
 bare ModuleNotFoundError.
 """

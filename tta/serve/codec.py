@@ -141,8 +141,9 @@ def check_batch(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     dtype and values checked against `spec`."""
     c, h, w = spec.input_size
     if arr.ndim != 4:
+        hint = " (a single image? add a batch dimension)" if arr.ndim == 3 else ""
         raise RequestError(f"expected a batch of shape (N, {c}, {h}, {w}) or (N, {h}, {w}, {c}), got shape "
-                           f"{tuple(arr.shape)}" + (" (a single image? add a batch dimension)" if arr.ndim == 3 else ""))
+                           f"{tuple(arr.shape)}{hint}")
     if arr.shape[0] == 0:
         raise RequestError("empty batch (N = 0)")
     if arr.shape[0] > spec.max_images:
