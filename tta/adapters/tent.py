@@ -37,16 +37,19 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @register_adapter("tent")
-class Tent(Adapter):
+class Tent(Adapter[TentConfig]):
     """Entropy minimisation of the batch predictions; trains only normalisation affine params.
 
     BatchNorm layers normalise with test-batch statistics (source copy kept for reset);
     LayerNorm/GroupNorm affine parameters are trained too. The model stays in eval mode otherwise
     (no dropout or stochastic depth). The returned prediction is the one computed before the update.
+    The step changes nothing before its update, so the batch's value check rides on the
+    finite-loss read (no sync of its own).
     """
 
     Config = TentConfig
     uses_batch_stats = True
+    value_check = "with_loss"
 
     def configure_model(self) -> None:
         self.model.eval()
@@ -65,7 +68,7 @@ class Tent(Adapter):
                 "parameters (BatchNorm/LayerNorm/GroupNorm) to train"
             )
         if not any(isinstance(m, CalibratedBatchNorm) for m in self.model.modules()):
-            self.uses_batch_stats = False  # type: ignore[misc]  # LN/GN-only model
+            self.uses_batch_stats = False  # LN/GN-only model
         for p in self._norm_params:
             p.requires_grad_(True)
 

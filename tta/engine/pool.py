@@ -208,23 +208,19 @@ class StreamPool:
     def load(self, stream_id: Hashable, path: str | os.PathLike[str]) -> None:
         """Load a state written by `save` into stream `stream_id` (created when new).
 
-        The frozen source tensors are shared by every stream, so a state whose frozen tensors
-        differ from this pool's source model (same architecture, other weights) is rejected
-        instead of being written into the shared tensors.
+        The rule of `Adapter.load`: the whole file is checked before any of it is applied, and a
+        state whose frozen tensors (shared by every stream) differ from this pool's source model is
+        rejected instead of being written into the shared tensors.
         """
         state = read_state(path)
         entry = self._acquire(stream_id)
         try:
             adapter = entry.adapter
-            for name, t in adapter.state_dict(keep_vars=True).items():
-                if name in self._frozen_names and name in state and not torch.equal(state[name].to(t.device), t.detach()):
-                    raise StateMismatchError(
-                        f"{path}: frozen tensor {name!r} differs from this pool's source model; the state "
-                        "was adapted from other source weights"
-                    )
+            adapter.check_state(state, where=str(path), require_digest=True)  # frozen tensors checked equal too
+            extra = {k: v for k, v in state["_extra_state"].items() if k != "digest"}
             # the frozen tensors are shared by every stream: never written (equal values checked above)
-            load_adapted(adapter, {k: v for k, v in state.items() if k not in self._frozen_names},
-                         self._frozen_names, str(path))
+            load_adapted(adapter, {**{k: v for k, v in state.items() if k not in self._frozen_names},
+                                   "_extra_state": extra}, self._frozen_names, str(path))
         finally:
             entry.lock.release()
         self._evict_idle()

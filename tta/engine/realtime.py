@@ -114,7 +114,12 @@ def predict_current(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
     adapter defines its own, e.g. AdaNPC's memory vote without adding to the memory)."""
     validate = getattr(adapter, "validate_batch", None)
     if callable(validate):  # the same input checks as a step: a rejected batch is rejected here too
+        from tta.adapters.inputs import rejection, value_verdict
+
         validate(x)
+        value_range = getattr(adapter, "input_range", None)
+        if not bool(value_verdict(x, value_range)):
+            raise rejection(getattr(adapter, "name", type(adapter).__name__), x, value_range)
     own = getattr(adapter, "predict_current", None)
     if callable(own):
         return own(x)

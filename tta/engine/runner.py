@@ -17,7 +17,7 @@ from tta.engine.guard import CollapseGuard, GuardConfig
 from tta.engine.metrics import BatchTrace, ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
 from tta.engine.realtime import RealtimeConfig, RealtimeSchedule, as_realtime_config
-from tta.errors import ConfigError, NonFiniteInputError
+from tta.errors import ConfigError, InputValueError
 from tta.streams.base import Batch, Stream
 from tta.streams.base import check_reset
 
@@ -97,8 +97,9 @@ def run_stream(
         on CUDA they are pinned and copied asynchronously.
     seed: seeds Python/NumPy/torch global generators before the run (the adapter's own generators
         are seeded by its config's ``seed``).
-    on_nonfinite: a batch with NaN/Inf values is rejected by the adapter before any state change;
-        ``"skip"`` counts it (its samples count as errors) and goes on, ``"raise"`` re-raises.
+    on_nonfinite: a batch with NaN/Inf values (or values outside the model's input range) is rejected
+        by the adapter before any state change; ``"skip"`` counts it (its samples count as errors)
+        and goes on, ``"raise"`` re-raises.
     keep_predictions: keep the predicted class of every image (``-1`` for skipped batches).
     guard: run the adapter under a `CollapseGuard` (True = default `GuardConfig`): its events
         (rollbacks, resets, with the signals that triggered them) go into ``guard_events``.
@@ -207,7 +208,7 @@ def run_stream(
                 pred = predicted_classes(outputs).cpu()  # host sync: latency includes the device work
                 if not bool(torch.isfinite(outputs).all()):
                     nonfinite_outputs += 1
-            except NonFiniteInputError as exc:
+            except InputValueError as exc:
                 if on_nonfinite == "raise":
                     raise
                 skipped_batches += 1
@@ -266,12 +267,18 @@ def run_stream(
             f"{sum(e['action'] == 'reset' for e in acted)} resets), {watcher.probes} probes, "
             f"{watcher.checkpoints_taken} checkpoints")
     if skipped_batches:
-        log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite values; "
-            "counted as errors")
+        log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite or out-of-range "
+            "values; counted as errors")
 
     def delta(key: str) -> int:
         return int(counters.get(key, 0)) - int(before.get(key, 0))
 
+    if delta("skipped_nonfinite_loss"):
+        log(f"warning: {delta('skipped_nonfinite_loss')} of {delta('steps')} step(s) had a non-finite loss and were "
+            "not applied")
+    if delta("nonfinite_param_resets"):
+        log(f"warning: the adapted parameters became non-finite {delta('nonfinite_param_resets')} time(s) (learning "
+            "rate too high?); each time the adapter was reset to the source state")
     if delta("aug_used") + delta("aug_skipped"):  # CoTTA: share of batches without augmented views
         log(f"augmentation skipped on {delta('aug_skipped')} of {delta('aug_used') + delta('aug_skipped')} "
             "batches (anchor confident)")
@@ -294,6 +301,7 @@ def run_stream(
         skipped_batches=skipped_batches,
         skipped_images=skipped_images,
         skipped_nonfinite_loss=delta("skipped_nonfinite_loss"),
+        nonfinite_param_resets=delta("nonfinite_param_resets"),
         resets=resets,
         nonfinite_outputs=nonfinite_outputs,
         device=str(dev),
