@@ -537,6 +537,11 @@ class AdaNPC(Adapter[AdaNPCConfig]):
             feats = F.batch_norm(feats, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return self._vote(feats)[1]
 
+    @torch.no_grad()
+    def predict_current(self, x: torch.Tensor) -> torch.Tensor:
+        """The vote of the current memory, nothing added to it (real-time protocol's skipped batches)."""
+        return self._vote(x)[1]
+
     def reset(self) -> None:
         super().reset()
         if self.memory is not None:
