@@ -67,7 +67,8 @@ def load_spec(args: argparse.Namespace) -> Any:
     import tta.streams as streams
 
     spec = streams.load_spec(args.stream or streams.DEFAULT_SPEC)
-    spec = spec.with_overrides(getattr(args, "stream_assignments", []) or [])
+    if getattr(args, "stream_assignments", None):
+        spec = spec.with_overrides(args.stream_assignments)
     if args.full:
         spec = dataclasses.replace(spec, n_per_domain=None)
     return spec

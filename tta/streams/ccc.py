@@ -17,10 +17,10 @@ What follows CCC and what differs (CCC is ImageNet at 224 px and a ResNet-50 bas
 - severities are continuous: the constants are interpolated between integer severities, severity 0
   being the clean image (`tta.streams.corruptions`); CCC does the same with its own table;
 - CCC calibrates on a uniform 0.25 grid with a greedy path rule aiming at the path's *mean*
-  accuracy; here the grid (`GRID`, 15 levels) is 0.5 apart above severity 1 and finer near 0, where
-  this source model's accuracy falls steeply, and between two grid cells the severities move linearly
-  batch by batch, so the stream is smooth at any grid step; the path minimises squared deviations so
-  the difficulty is held at every point, not only on average;
+  accuracy; here the grid (`GRID`, 11 levels: 100 cells per ordered pair) is fine near 0, where this
+  source model's accuracy falls steeply, and coarse above 2, where it is flat; between two grid cells
+  the severities move linearly batch by batch, so the stream is smooth at any grid step; the path
+  minimises squared deviations so the difficulty is held at every point, not only on average;
 - speed (CCC: 1000, 2000 or 5000 images per 0.25-severity step; `SPEEDS`) keeps that unit: images per
   0.25 of severity change;
 - a difficulty uses only corruptions that can reach its target on their own (at their strongest
@@ -47,9 +47,9 @@ from tta.streams.corruptions import CORRUPTIONS, STANDARD_ORDER, corrupt
 from tta.streams.generated import BatchPlan
 from tta.streams.settings import to_tensor
 
-#: calibration grid of severities (0 = clean): steps of 0.5, refined to 0.125 below 0.5, where the source
-#: model's accuracy falls fastest (frost, fog, brightness and contrast lose 40-60 points by severity 0.5)
-GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+#: calibration grid of severities (0 = clean): fine near 0, where the source model's accuracy falls fastest
+#: (frost, fog, brightness and contrast lose 40-60 points by severity 0.5), coarse above 2, where it is flat
+GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
 #: source-model accuracy (%) each difficulty holds. CCC's ImageNet levels (40 / 20 / 0 % for a ResNet-50
 #: with 76 % clean and ~18 % mean accuracy at ImageNet-C severity 5) sit above, at and below the severity-5
 #: mean; on Fashion-MNIST-C the default card has 93 % clean and ~53 % severity-5 mean accuracy, and the
