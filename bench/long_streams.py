@@ -102,7 +102,8 @@ def run_one(args: argparse.Namespace) -> int:
     first_end = ends[1] if len(ends) > 1 else 0.0
     after_warmup = [m for t, m in samples if t >= first_end]
     out = {
-        "adapter": name, "variant": variant, "stream": spec.name, "images": result.images,
+        "adapter": name + (f"@{args.tag}" if args.tag else ""), "variant": variant, "stream": spec.name,
+        "images": result.images, "commit": _commit(),
         "mean_error": result.mean_error, "stream_error": result.stream_error,
         "images_per_s": result.images_per_s, "seconds": result.seconds, "steps": result.steps,
         "resets": result.resets, "nonfinite_outputs": result.nonfinite_outputs,
@@ -117,6 +118,14 @@ def run_one(args: argparse.Namespace) -> int:
     }
     Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
     return 0
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ parent
@@ -182,7 +191,7 @@ def report(out: Path, baseline: str | None = None) -> str:
     # acceptance per gradient-based adapter
     lines.append("Target (guarded): no window more than 1 point above " + base + "; mean at or below the unguarded mean.")
     for a in adapters:
-        if a in GRADIENT_FREE or (a, "guard") not in runs or ref is None:
+        if a.split("@")[0] in GRADIENT_FREE or (a, "guard") not in runs or ref is None:
             continue
         g, p = runs[(a, "guard")], runs.get((a, "plain"))
         diffs = [e - b for e, b in zip(_errors(g), _errors(ref))]
@@ -222,6 +231,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--report", action="store_true", help="only print the tables of the runs in --out")
     p.add_argument("--baseline", default=None, help="comparator adapter (default: bn, else source)")
+    p.add_argument("--tag", default=None, help="label of these runs (adapter@tag), e.g. a config variant")
     # child mode
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -240,7 +250,8 @@ def main() -> int:
             for variant in variants:
                 if name in GRADIENT_FREE and variant != "plain":
                     continue  # nothing to guard or reset
-                target = out / f"{name}.{variant}.json"
+                label = name + (f"@{args.tag}" if args.tag else "")
+                target = out / f"{label}.{variant}.json"
                 if target.is_file():
                     print(f"{target} exists, skipped", flush=True)
                     continue
@@ -255,6 +266,8 @@ def main() -> int:
                     cmd += ["--limit", str(args.limit)]
                 if args.model:
                     cmd += ["--model", args.model]
+                if args.tag:
+                    cmd += ["--tag", args.tag]
                 t0 = time.perf_counter()
                 print(f"== {name} / {variant}", flush=True)
                 rc = subprocess.call(cmd)

@@ -218,17 +218,26 @@ def test_calibrate_measures_the_model_on_every_cell(clean):
                     pair_corruptions=["gaussian_noise", "contrast"], n=20, grid=grid, seed=2)
     assert set(cal.pairs) == {("gaussian_noise", "contrast"), ("contrast", "gaussian_noise")}
     assert all(m.shape == (2, 2) for m in cal.pairs.values()) and len(cal.single["fog"]) == 3
-    # a cell is the model's accuracy on those 20 images corrupted that way (singles share the pairs' noise)
-    pick = np.sort(np.random.default_rng(2).choice(50, 20, replace=False))
+    # a cell is the model's accuracy on its 20 images corrupted that way; the single cell (contrast, 5.0)
+    # and the pair row of contrast at 5.0 share their images and noise
     from tta.streams.corruptions import CORRUPTIONS, corrupt
 
-    x = corrupt(images[pick], "contrast", 5.0, seed=np.random.SeedSequence(2, spawn_key=(CORRUPTIONS.index("contrast"), 2)))
+    key = (CORRUPTIONS.index("contrast"), 2)
+    pick = np.sort(np.random.default_rng(np.random.SeedSequence(2, spawn_key=key)).choice(50, 20, replace=False))
+    x = corrupt(images[pick], "contrast", 5.0, seed=np.random.SeedSequence(2, spawn_key=key))
     x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         acc = float((model(x).argmax(1) == torch.from_numpy(labels[pick])).double().mean() * 100)
     assert cal.single["contrast"][2] == pytest.approx(acc)
     full = cal.pair("contrast", "gaussian_noise")
     assert full[2, 0] == pytest.approx(acc) and full[0, 0] == pytest.approx(cal.clean)
+    second = corrupt(corrupt(images[pick], "contrast", 5.0, seed=np.random.SeedSequence(2, spawn_key=key)),
+                     "gaussian_noise", 2.5,
+                     seed=np.random.SeedSequence(2, spawn_key=(*key, CORRUPTIONS.index("gaussian_noise"), 1)))
+    with torch.no_grad():
+        acc2 = float((model(torch.from_numpy(second).permute(0, 3, 1, 2).float() / 255).argmax(1)
+                      == torch.from_numpy(labels[pick])).double().mean() * 100)
+    assert full[2, 1] == pytest.approx(acc2)
 
 
 # ------------------------------------------------------------------------------------------------

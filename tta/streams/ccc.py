@@ -17,10 +17,10 @@ What follows CCC and what differs (CCC is ImageNet at 224 px and a ResNet-50 bas
 - severities are continuous: the constants are interpolated between integer severities, severity 0
   being the clean image (`tta.streams.corruptions`); CCC does the same with its own table;
 - CCC calibrates on a uniform 0.25 grid with a greedy path rule aiming at the path's *mean*
-  accuracy; here the grid (`GRID`, 15 levels) is 0.5 apart above severity 1 and finer near 0, where
-  this source model's accuracy falls steeply, and between two grid cells the severities move linearly
-  batch by batch, so the stream is smooth at any grid step; the path minimises squared deviations so
-  the difficulty is held at every point, not only on average;
+  accuracy; here the grid (`GRID`, 11 levels: 100 cells per ordered pair) is fine near 0, where this
+  source model's accuracy falls steeply, and coarse above 2, where it is flat; between two grid cells
+  the severities move linearly batch by batch, so the stream is smooth at any grid step; the path
+  minimises squared deviations so the difficulty is held at every point, not only on average;
 - speed (CCC: 1000, 2000 or 5000 images per 0.25-severity step; `SPEEDS`) keeps that unit: images per
   0.25 of severity change;
 - a difficulty uses only corruptions that can reach its target on their own (at their strongest
@@ -48,9 +48,9 @@ from tta.streams.generated import BatchPlan
 from tta.streams.names import DIFFICULTIES as NAMED_DIFFICULTIES
 from tta.streams.settings import to_tensor
 
-#: calibration grid of severities (0 = clean): steps of 0.5, refined to 0.125 below 0.5, where the source
-#: model's accuracy falls fastest (frost, fog, brightness and contrast lose 40-60 points by severity 0.5)
-GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+#: calibration grid of severities (0 = clean): fine near 0, where the source model's accuracy falls fastest
+#: (frost, fog, brightness and contrast lose 40-60 points by severity 0.5), coarse above 2, where it is flat
+GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
 #: source-model accuracy (%) each difficulty holds. CCC's ImageNet levels (40 / 20 / 0 % for a ResNet-50
 #: with 76 % clean and ~18 % mean accuracy at ImageNet-C severity 5) sit above, at and below the severity-5
 #: mean; on Fashion-MNIST-C the default card has 93 % clean and ~53 % severity-5 mean accuracy, and the
@@ -155,13 +155,14 @@ class CCCCalibration:
 
 
 @torch.inference_mode()
-def _accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, chunk: int) -> list[float]:
-    """Accuracy (%) of `model` on consecutive groups of len(labels) images in `images`."""
-    correct = []
+def _accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, groups: int, device: torch.device,
+              chunk: int) -> list[float]:
+    """Accuracy (%) of `model` on each of `groups` equal consecutive groups of (images, labels)."""
+    preds = []
     for i in range(0, len(images), chunk):
         x = to_tensor(images[i : i + chunk]).to(device)
-        correct.append(model(x).argmax(1).cpu())
-    hits = (torch.cat(correct).view(-1, len(labels)) == torch.from_numpy(labels)).double().mean(1) * 100
+        preds.append(model(x).argmax(1).cpu())
+    hits = (torch.cat(preds) == torch.from_numpy(labels)).double().view(groups, -1).mean(1) * 100
     return hits.tolist()
 
 
@@ -172,7 +173,7 @@ def calibrate(
     *,
     corruptions: Sequence[str] = STANDARD_ORDER,
     pair_corruptions: Sequence[str] | None = None,
-    n: int = 200,
+    n: int = 100,
     grid: Sequence[float] = GRID,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -181,11 +182,14 @@ def calibrate(
 ) -> CCCCalibration:
     """Measure the source model's accuracy on the severity grid (see `CCCCalibration`).
 
-    `n` images drawn once from `images` are used for every cell (each cell with its own corruption
-    noise), so the accuracy surface of a pair is smooth. Single corruptions are measured for every
-    name in `corruptions`; ordered pairs for `pair_corruptions` (default: the corruptions that can reach
-    the easiest difficulty's target, the largest set any difficulty uses). Cost: len(grid) - 1 cells
-    per corruption plus (len(grid) - 1)^2 per ordered pair, `n` images each.
+    Every first corruption at a grid severity, (c, s), gets its own `n` images drawn from `images`;
+    the single-corruption cell (c, s) and every pair cell (c at s, then b at any s2) use them, so a
+    row of a pair's matrix shares its images (smooth along s2) while different rows and corruptions
+    see different samples (no shared sampling bias: one fixed subset of 50 easy images would raise
+    every cell by the same few points). Single corruptions are measured for every name in
+    `corruptions`; ordered pairs for `pair_corruptions` (default: the corruptions that can reach the
+    easiest difficulty's target, the largest set any difficulty uses). Cost: len(grid) - 1 cells per
+    corruption plus (len(grid) - 1)^2 per ordered pair, `n` images each.
     """
     grid = tuple(float(s) for s in grid)
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
@@ -196,19 +200,29 @@ def calibrate(
     log = log or (lambda _msg: None)
     dev = torch.device(device)
     model = model.to(dev).eval()
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(images), n, replace=False))
-    x, y = images[pick], np.asarray(labels)[pick].astype(np.int64)
+    labels = np.asarray(labels).astype(np.int64)
     index = {c: k for k, c in enumerate(CORRUPTIONS)}
+    cells = len(grid) - 1
 
-    def first(c: str, i: int) -> np.ndarray:  # corruption c at grid[i]; the same noise in singles and pairs
-        return corrupt(x, c, grid[i], seed=np.random.SeedSequence(seed, spawn_key=(index[c], i)))
+    def sample(c: str, i: int) -> np.ndarray:
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index[c], i)))
+        return np.sort(rng.choice(len(images), n, replace=False))
 
-    clean = _accuracy(model, x, y, dev, chunk)[0]
+    def first(c: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """n images corrupted by c at grid[i], and their labels: the same in singles and pairs."""
+        pick = sample(c, i)
+        x = corrupt(images[pick], c, grid[i], seed=np.random.SeedSequence(seed, spawn_key=(index[c], i)))
+        return x, labels[pick]
+
+    clean_pick = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(len(CORRUPTIONS),))).choice(
+        len(images), min(len(images), n * cells), replace=False)
+    clean = _accuracy(model, images[clean_pick], labels[clean_pick], 1, dev, chunk)[0]
     single: dict[str, list[float]] = {}
     for c in corruptions:
-        stacked = np.concatenate([first(c, i) for i in range(1, len(grid))])
-        single[c] = [clean, *_accuracy(model, stacked, y, dev, chunk)]
+        rows = [first(c, i) for i in range(1, len(grid))]
+        accs = _accuracy(model, np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows]), cells,
+                         dev, chunk)
+        single[c] = [clean, *accs]
         log(f"{c}: " + " ".join(f"{a:.1f}" for a in single[c]))
     if pair_corruptions is None:
         easiest = max(DIFFICULTIES.values())
@@ -217,11 +231,11 @@ def calibrate(
     if missing:
         raise ConfigError(f"pair corruptions {missing} are not among the calibrated corruptions")
     pairs: dict[tuple[str, str], np.ndarray] = {
-        (a, b): np.empty((len(grid) - 1, len(grid) - 1)) for a in pair_corruptions for b in pair_corruptions if a != b
+        (a, b): np.empty((cells, cells)) for a in pair_corruptions for b in pair_corruptions if a != b
     }
     for a in pair_corruptions:
         for i in range(1, len(grid)):
-            xa = first(a, i)
+            xa, ya = first(a, i)
             for b in pair_corruptions:
                 if b == a:
                     continue
@@ -229,9 +243,9 @@ def calibrate(
                     corrupt(xa, b, grid[j], seed=np.random.SeedSequence(seed, spawn_key=(index[a], i, index[b], j)))
                     for j in range(1, len(grid))
                 ])
-                pairs[(a, b)][i - 1] = _accuracy(model, stacked, y, dev, chunk)
+                pairs[(a, b)][i - 1] = _accuracy(model, stacked, np.tile(ya, cells), cells, dev, chunk)
         log(f"pairs from {a}: done")
-    meta = {"images": n, "seed": seed, "grid_step": grid[1] - grid[0]}
+    meta = {"images": n, "seed": seed, "sampling": "n images per (first corruption, severity)"}
     return CCCCalibration(grid, clean, single, pairs, meta)
 
 
