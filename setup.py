@@ -43,7 +43,7 @@ DATA_PACKAGES = {"tta._data.models": "models", "tta._data.streams": "streams"}
 PACKAGE_DATA = {
     "tta": ["py.typed"],
     "tta._data.models": ["*.yaml", "*.safetensors"],
-    "tta._data.streams": ["*.yaml"],
+    "tta._data.streams": ["*.yaml", "*.json"],
 }
 
 

@@ -20,6 +20,7 @@ from tta.cli.run import (
     load_spec,
     meta,
     model_name,
+    parse_guard,
     parse_reset,
     resolve_preset,
     run_seed,
@@ -78,6 +79,7 @@ def bench(args: argparse.Namespace) -> int:
     names = select_adapters(args.adapters)
     overrides = split_assignments(args.assignments, names)
     reset = parse_reset(args.reset)
+    guard = parse_guard(args)
     spec = load_spec(args)
     seed = run_seed(args, spec)
     preset = resolve_preset(args, spec)
@@ -105,7 +107,7 @@ def bench(args: argparse.Namespace) -> int:
             configs[name] = adapter.config
             logger.info(f"[{name}]")
             try:
-                results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
+                results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
                                            progress=args.progress, seed=seed, log=logger.info)
             except Exception as exc:  # noqa: BLE001 - one adapter's failure must not cost the others' results
                 failed[name] = f"{type(exc).__name__}: {exc}"

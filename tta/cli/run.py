@@ -41,7 +41,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--limit", type=int, default=None, metavar="N", help="images per domain (default: the spec's)")
     size.add_argument("--full", action="store_true", help="every image of every domain (the complete protocol)")
-    parser.add_argument("--reset", default=None, help="reset policy: never, domain or N batches (default: the spec's)")
+    parser.add_argument("--reset", default=None,
+                        help="reset policy: never, domain or N (reset every N batches; RDumb: 1000) (default: the spec's)")
+    parser.add_argument("--guard", action="store_true",
+                        help="run under the collapse guard: health signals, rollback/reset (tta.engine.guard)")
+    parser.add_argument("--guard-set", dest="guard_assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="collapse-guard setting (repeatable; implies --guard), e.g. --guard-set action=reset")
+    parser.add_argument("--stream-set", dest="stream_assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a stream spec field (repeatable), e.g. --stream-set length=300000")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the stream order and of torch (default: the spec's)")
@@ -64,18 +71,29 @@ def parse_reset(value: str | None) -> str | int | None:
     if value is None or value in ("never", "domain"):
         return value
     try:
-        n = int(value)
-    except ValueError:
+        n = int(value.split()[-1]) if value.strip().lower().startswith("every") else int(value)
+    except (ValueError, IndexError):
         raise ConfigError(f"--reset must be never, domain or a number of batches, got {value!r}") from None
     if n < 1:
         raise ConfigError(f"--reset N needs N >= 1, got {n}")
     return n
 
 
+def parse_guard(args: argparse.Namespace) -> Any:
+    """The `GuardConfig` of --guard / --guard-set, or None."""
+    if not (getattr(args, "guard", False) or getattr(args, "guard_assignments", None)):
+        return None
+    from tta.engine.guard import GuardConfig
+
+    return GuardConfig.parse(args.guard_assignments)
+
+
 def load_spec(args: argparse.Namespace) -> Any:
     import tta.streams as streams
 
     spec = streams.load_spec(args.stream or streams.DEFAULT_SPEC)
+    if getattr(args, "stream_assignments", None):
+        spec = spec.with_overrides(args.stream_assignments)
     if args.full:
         spec = dataclasses.replace(spec, n_per_domain=None)
     return spec
@@ -184,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     load_plugins(args)
     overrides = get_adapter_class(args.adapter).Config.parse_assignments(args.assignments)
     reset = parse_reset(args.reset)
+    guard = parse_guard(args)
     video = args.video is not None or args.camera is not None
     if video:
         from tta.cli.video import check_video_arguments, open_frames
@@ -212,18 +231,18 @@ def run(args: argparse.Namespace) -> int:
 
             return run_frames(args, adapter, card, frames, out, meta(args, None, seed, preset,
                                                                      {adapter.name: adapter.config}), logger)
-        return _run_stream(args, adapter, spec, stream, seed, preset, reset, out, logger)
+        return _run_stream(args, adapter, spec, stream, seed, preset, reset, guard, out, logger)
 
 
 def _run_stream(args: argparse.Namespace, adapter: Any, spec: Any, stream: Any, seed: int, preset: str | None,
-                reset: Any, out: Path | None, logger: Any) -> int:
+                reset: Any, guard: Any, out: Path | None, logger: Any) -> int:
     from tta.engine import run_stream
     from tta.engine.report import format_table, write_results
 
     logger.info(f"tta run: {adapter.name} on {model_name(args)}, stream {getattr(spec, 'name', args.stream)} "
                 f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, "
                 f"seed {seed}")
-    result = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
+    result = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
                         progress=args.progress, seed=seed, log=logger.info)
     logger.info(f"{result.images} images, {result.images_per_s:.1f} images/s, latency p50 {result.latency_ms_p50:.1f} ms "
                 f"p95 {result.latency_ms_p95:.1f} ms, {result.steps} adaptation steps on {result.device}")

@@ -39,6 +39,9 @@ def results_dict(results: Mapping[str, RunResult]) -> dict[str, dict[str, Any]]:
             "steps": r.steps,
             "skipped_batches": r.skipped_batches,
             "resets": r.resets,
+            "stream_error": None if r.stream_error is None else round(r.stream_error, 4),
+            "nonfinite_outputs": r.nonfinite_outputs,
+            "guard_actions": sum(e["action"] != "none" for e in r.guard_events),
         }
     return out
 
