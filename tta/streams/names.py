@@ -11,8 +11,9 @@ STANDARD_ORDER: tuple[str, ...] = (
     "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
     "jpeg_compression",
 )
-#: The CIFAR-10-C "extra" (validation) corruptions implemented here (spatter is not implemented).
-EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "saturate")
+#: The four CIFAR-10-C "extra" corruptions, held out from the standard 15 for validation (in CIFAR-10-C's
+#: order); the validation stream `fmnist-c-val` is made of them.
+EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 #: Every corruption `tta.streams.corrupt` accepts.
 CORRUPTIONS: tuple[str, ...] = STANDARD_ORDER + EXTRA_CORRUPTIONS
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
