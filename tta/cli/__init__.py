@@ -14,7 +14,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS: tuple[str, ...] = ("run", "bench", "list_cmd", "train_source", "make_c", "export", "memory", "warmup", "ccc")
+SUBCOMMANDS: tuple[str, ...] = ("run", "bench", "matrix", "tune", "list_cmd", "train_source", "make_c", "export", "memory",
+                                 "warmup", "ccc")
 
 
 def build_parser() -> argparse.ArgumentParser:
