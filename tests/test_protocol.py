@@ -87,6 +87,8 @@ def test_plan_cells_are_the_union_of_the_parts():
     assert variant.label == "tent (lr 1e-4)" and variant.overrides == ("lr=1e-4",) and variant.limit == 4
     assert Cell.from_dict(variant.to_dict()) == variant and variant.digest() == Cell.from_dict(variant.to_dict()).digest()
     assert plan.select(["variant"]).cells() == [variant]
+    cheap = parse_plan({**PLAN, "parts": [{**PLAN["parts"][0], "cost": {"limit": 2}}]}).cells()
+    assert {c.limit for c in cheap if c.kind == "cost"} == {2}
     doubled = parse_plan({**PLAN, "parts": [PLAN["parts"][0], {**PLAN["parts"][0], "name": "again"}]})
     assert len(doubled.cells()) == len(parse_plan({**PLAN, "parts": [PLAN["parts"][0]]}).cells())
     clash = parse_plan({**PLAN, "parts": [PLAN["parts"][1], {**PLAN["parts"][1], "name": "b", "set": ["lr=1"]}]})
@@ -100,6 +102,7 @@ def test_plan_cells_are_the_union_of_the_parts():
     ({"adapters": []}, "adapters must be a non-empty list"),
     ({"set": ["lr=1e-4"]}, "needs a variant name"),
     ({"colour": "red"}, "unknown keys"),
+    ({"cost": {"stream": "x"}}, "cost must be"),
 ])
 def test_bad_plans_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):

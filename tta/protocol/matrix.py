@@ -1,8 +1,9 @@
 """Run the cells of a matrix plan, sequentially or on Ray, resumably.
 
 Every cell writes ``<out>/<cell key>/meta.json`` (the protocol record, `tta.protocol.cell`) and then
-``result.json``; a cell whose ``result.json`` exists and whose ``meta.json`` has the same cell digest is
-done and is skipped, so an interrupted run continues where it stopped and a finished plan costs nothing
+``result.json``; a cell whose ``result.json`` exists and whose ``meta.json`` has the same cell digest and
+the card's current checkpoint checksum is done and is skipped (a changed plan entry or a retrained card
+reruns its cells; a change of code alone does not: each cell records its commit), so an interrupted run continues where it stopped and a finished plan costs nothing
 to rerun. A cell being run holds ``<cell>/running.lock`` (its process id), so several runners on one
 output folder (two shells on two cores, or a runner restarted while another still works) never run the
 same cell twice; a lock whose process is gone is taken over. A failing cell writes ``error.txt`` and the
@@ -16,6 +17,7 @@ computes the same thing in a task as in the sequential loop (same code, seeds, o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import traceback
@@ -35,15 +37,31 @@ def cell_dir(out: Path, cell: Cell) -> Path:
     return out / cell.key
 
 
+@functools.lru_cache(maxsize=None)
+def _checkpoint_sha256(card: str) -> str | None:
+    from tta.models import get_card
+
+    try:
+        return get_card(card).sha256
+    except Exception:  # noqa: BLE001 - an unknown card: its cells will fail when run, with the reason
+        return None
+
+
 def load_cell(out: Path, cell: Cell) -> dict[str, Any] | None:
-    """The stored ``{"result", "meta"}`` of `cell`, or None when it is not done (or was another definition)."""
+    """The stored ``{"result", "meta"}`` of `cell`, or None when it is not done, was another definition,
+    or ran on another checkpoint of its card (a retrained card reruns its cells)."""
     folder = cell_dir(out, cell)
     try:
         meta = json.loads((folder / "meta.json").read_text())
         result = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    return {"result": result, "meta": meta} if meta.get("cell_digest") == cell.digest() else None
+    if meta.get("cell_digest") != cell.digest():
+        return None
+    stored, current = (meta.get("model") or {}).get("checkpoint_sha256"), _checkpoint_sha256(cell.model)
+    if stored and current and stored != current:
+        return None
+    return {"result": result, "meta": meta}
 
 
 def write_cell(out: Path, cell: Cell, payload: dict[str, Any]) -> Path:

@@ -20,6 +20,7 @@ parts' cells (a cell repeated by two parts runs once):
         variant: tuned                                 # a row of its own: "cotta (tuned)"
         preset: tuned                                  # the tuned preset (`tta.protocol.presets`)
         set: [ap=0.8]                                  # config overrides (key=value), as `tta run --set`
+        cost: {limit: 200}                             # this part's cost cells on fewer images (or false: none)
 
 A cell is one run: (card, stream, adapter, variant, images per domain, seed). Every part also asks for
 one cost cell per (card, adapter, variant): the step cost relative to the source forward and the peak
@@ -99,13 +100,15 @@ class Part:
     preset: str | None = None
     overrides: tuple[str, ...] = ()
     cost: bool = True
+    cost_limit: int | str | None = None  # None: the plan's
 
     def cells(self, cost_stream: str, cost_limit: int | str | None) -> list[Cell]:
         common = {"variant": self.variant, "preset": self.preset, "overrides": self.overrides}
         out = [Cell("stream", m, a, s, seed, self.limit, **common)
                for m in self.models for s in self.streams for a in self.adapters for seed in self.seeds]
         if self.cost:
-            out += [Cell("cost", m, a, cost_stream, min(self.seeds), cost_limit, **common)
+            limit = cost_limit if self.cost_limit is None else self.cost_limit
+            out += [Cell("cost", m, a, cost_stream, min(self.seeds), limit, **common)
                     for m in self.models for a in self.adapters]
         return out
 
@@ -186,6 +189,9 @@ def parse_plan(raw: Any, name: str = "plan", path: Path | None = None) -> Plan:
             overrides = [overrides]
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise ConfigError(f"{name}: part {label}: set must be a list of key=value strings, got {overrides!r}")
+        cost_item = item.get("cost", True)
+        if not isinstance(cost_item, bool) and not (isinstance(cost_item, dict) and set(cost_item) <= {"limit"}):
+            raise ConfigError(f"{name}: part {label}: cost must be true, false or {{limit: N}}, got {cost_item!r}")
         variant = item.get("variant", "") or ""
         if (item.get("preset") or overrides) and not variant:
             raise ConfigError(f"{name}: part {label}: a part with a preset or set values needs a variant name "
@@ -200,7 +206,9 @@ def parse_plan(raw: Any, name: str = "plan", path: Path | None = None) -> Plan:
             variant=str(variant),
             preset=item.get("preset"),
             overrides=tuple(overrides),
-            cost=bool(item.get("cost", True)),
+            cost=bool(cost_item),
+            cost_limit=_limit(f"{name}: part {label}: cost", cost_item.get("limit")) if isinstance(cost_item, dict)
+            else None,
         ))
     names = [p.name for p in parts]
     if len(set(names)) != len(names):
