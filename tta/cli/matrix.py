@@ -34,12 +34,17 @@ def matrix(args: argparse.Namespace) -> int:
     cells = plan.cells()
     out = Path(args.out)
     if args.dry_run:
-        done = sum(load_cell(out, c) is not None for c in cells)
+        total_cpu = 0.0
         for part in plan.parts:
             part_cells = part.cells(plan.cost_stream, plan.cost_limit)
+            stored = [s for s in (load_cell(out, c) for c in part_cells) if s is not None]
+            cpu = sum(s["meta"].get("cpu_seconds") or 0.0 for s in stored)
+            total_cpu += cpu
             print(f"{part.name}: {len(part_cells)} cells ({sum(c.kind == 'cost' for c in part_cells)} cost), "
-                  f"{sum(load_cell(out, c) is not None for c in part_cells)} done")
-        print(f"plan {plan.name}: {len(cells)} cells, {done} done, {len(cells) - done} to run")
+                  f"{len(stored)} done, {cpu / 3600:.2f} CPU-hours spent")
+        done = sum(load_cell(out, c) is not None for c in cells)
+        print(f"plan {plan.name}: {len(cells)} cells, {done} done, {len(cells) - done} to run; "
+              f"{total_cpu / 3600:.2f} CPU-hours spent")
         return 0
     if args.compare:
         compared, differences = compare(cells, out, Path(args.compare))
