@@ -16,7 +16,7 @@ DEMO_LIMIT ?= 2000
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-full test test-all setup data bench clean
+.PHONY: demo demo-full test test-all setup data data-all data-val bench bench-table clean
 
 demo: setup data
 	$(TTA) bench --adapters $(DEMO_ADAPTERS) --limit $(DEMO_LIMIT) --out runs/demo $(ARGS)
@@ -45,6 +45,18 @@ $(FMNIST):
 
 data: setup $(FMNIST)
 	$(TTA) make-c --dataset fashion-mnist --out $(FMNIST_C) --severities 5
+
+# Every severity (the gradual setting) and the validation corruptions (`tta tune`, stream fmnist-c-val).
+data-all: setup $(FMNIST)
+	$(TTA) make-c --dataset fashion-mnist --out $(FMNIST_C) --severities 1-5
+
+data-val: setup $(FMNIST)
+	$(TTA) make-c --dataset fashion-mnist --out data/fashion-mnist-c-val --corruptions validation --severities 5
+
+# The settings x seeds table of BENCHMARKS.md: many CPU-hours (BENCHMARKS.md, "Settings x seeds");
+# resumable (a rerun skips finished cells); ARGS="--ray" spreads it over a local Ray instance.
+bench-table: setup data-all data-val
+	nice -n 10 $(TTA) matrix bench/matrix.yaml --out runs/matrix $(ARGS)
 
 bench: setup data
 	nice -n 10 $(PY) -m pytest bench/bench_ops.py -q --benchmark-json=runs/bench_ops.json

@@ -39,11 +39,15 @@ from setuptools.command.build_py import build_py
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 #: shipped data folders at the repository root -> their package inside the wheel
-DATA_PACKAGES = {"tta._data.models": "models", "tta._data.streams": "streams"}
+#: (presets/: tuned presets of the shipped cards, written by `tta tune`; shipped when the folder exists)
+DATA_PACKAGES = {pkg: folder for pkg, folder in {"tta._data.models": "models", "tta._data.streams": "streams",
+                                                 "tta._data.presets": "presets"}.items()
+                 if os.path.isdir(os.path.join(ROOT, folder))}
 PACKAGE_DATA = {
     "tta": ["py.typed"],
     "tta._data.models": ["*.yaml", "*.safetensors"],
-    "tta._data.streams": ["*.yaml"],
+    "tta._data.streams": ["*.yaml", "*.json"],
+    "tta._data.presets": ["*.yaml"],
 }
 
 

@@ -233,6 +233,43 @@ def test_torchvision_resnet_and_layernorm_vit():
     assert changed and all(".norm" in k or k.startswith("norm") for k in changed)
 
 
+def test_tent_on_the_vit_card_trains_exactly_the_layernorm_affine_parameters():
+    """TENT-LN, the ViT table's baseline: the trainable set is every LayerNorm weight and bias of the
+    shipped ViT card (no BatchNorm there), the model stays in eval mode, and one step is Adam's first
+    step on the entropy gradient of those parameters: p - lr * g / (|g| + eps), re-derived here."""
+    import tta.models as models
+
+    source = models.load("vit-fmnist")
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    adapted = tta.adapt(source, "tent", preset="cifar10")
+    ln_names = {f"{name}.{p}" for name, m in adapted.model.named_modules() if isinstance(m, nn.LayerNorm)
+                for p in ("weight", "bias")}
+    trainable = {n for n, p in adapted.model.named_parameters() if p.requires_grad}
+    depth = len(source.model.blocks)  # card models wrap the network in Normalized(model)
+    assert trainable == ln_names and len(ln_names) == 2 * (2 * depth + 1)
+    assert not adapted.model.training and not any(isinstance(m, nn.BatchNorm2d) for m in adapted.model.modules())
+
+    ref = copy.deepcopy(source).eval()
+    for n, p in ref.named_parameters():
+        p.requires_grad_(n in ln_names)
+    logits = ref(x)
+    entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+    grads = dict(zip([n for n, p in ref.named_parameters() if p.requires_grad],
+                     torch.autograd.grad(entropy, [p for p in ref.parameters() if p.requires_grad])))
+    before = tensors(adapted.model)
+    out = adapted(x)
+    np.testing.assert_allclose(out.detach().numpy(), logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    lr, eps = adapted.config.lr, 1e-8
+    after = tensors(adapted.model)
+    for name, value in after.items():
+        if name in grads:
+            g = grads[name]
+            np.testing.assert_allclose(value.numpy(), (before[name] - lr * g / (g.abs() + eps)).numpy(),
+                                       rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(value, before[name]), name
+
+
 def test_models_without_adaptable_layers_fail_clearly():
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     for name in ("bn", "alpha-bn"):

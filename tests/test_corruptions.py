@@ -47,7 +47,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_names_and_order():
     assert len(STANDARD_ORDER) == 15 and STANDARD_ORDER[0] == "gaussian_noise" and STANDARD_ORDER[-1] == "jpeg_compression"
-    assert set(CORRUPTIONS) == set(STANDARD_ORDER) | {"speckle_noise", "gaussian_blur", "saturate"}
+    assert set(CORRUPTIONS) == set(STANDARD_ORDER) | {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
     assert set(PARAMS) == set(CORRUPTIONS)
 
 
@@ -70,10 +70,11 @@ def test_seed_controls_the_randomness(colour, name):
     assert not np.array_equal(corrupt(colour, name, 3, seed=1), corrupt(colour, name, 3, seed=2))
 
 
-# glass_blur and elastic_transform are not monotone in PSNR with the original CIFAR-10-C constants
+# glass_blur, elastic_transform and spatter are not monotone in PSNR with the original CIFAR-10-C constants
 # (glass: severity 4 uses a smaller blur than 3 with two swap passes; elastic: the affine part, the
-# largest PSNR loss, shrinks from 0.08 to 0.03 of the image size); see the reference-profile test below.
-MONOTONE = [c for c in CORRUPTIONS if c not in ("glass_blur", "elastic_transform")]
+# largest PSNR loss, shrinks from 0.08 to 0.03 of the image size; spatter: severities 1-3 add water,
+# 4-5 cover fewer pixels with mud); see the reference tests below.
+MONOTONE = [c for c in CORRUPTIONS if c not in ("glass_blur", "elastic_transform", "spatter")]
 
 
 @pytest.mark.parametrize("name", MONOTONE)
@@ -270,6 +271,60 @@ def test_random_corruptions_match_per_image_reference_in_distribution(fmnist, na
         assert abs(ours - ref) < 0.6, (name, severity, ours, ref)
 
 
+def _spatter_reference(img, c, noise):
+    """CIFAR-10-C spatter for one image, step by step with the original's library calls (skimage
+    gaussian, OpenCV on single images, BGRA colour handling), given the image's liquid-noise draw."""
+    x = img.astype(np.float32) / 255.0
+    liquid = gaussian(noise, sigma=c[2])
+    liquid[liquid < c[3]] = 0
+    if c[5]:  # mud
+        mask = gaussian((liquid > c[3]).astype(np.float32), sigma=c[4])
+        mask[mask < 0.8] = 0
+        mud = np.array([63, 42, 20], np.float32) / 255.0 * mask[..., None]
+        return np.uint8(np.clip(x * (1 - mask[..., None]) + mud, 0, 1) * 255)
+    liquid = (liquid * 255).astype(np.uint8)
+    _, dist = cv2.threshold(cv2.distanceTransform(255 - cv2.Canny(liquid, 50, 150), cv2.DIST_L2, 5), 20, 20,
+                            cv2.THRESH_TRUNC)
+    dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+    dist = cv2.filter2D(dist, cv2.CV_8U, np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], np.float32))
+    dist = cv2.blur(dist, (3, 3)).astype(np.float32)
+    m = cv2.cvtColor(liquid * dist, cv2.COLOR_GRAY2BGRA)
+    m = m / m.max(axis=(0, 1)) * c[4]
+    water = cv2.cvtColor(np.ones((32, 32, 3), np.float32) * np.array([175, 238, 238], np.float32) / 255.0,
+                         cv2.COLOR_BGR2BGRA)
+    out = cv2.cvtColor(np.clip(cv2.cvtColor(x, cv2.COLOR_BGR2BGRA) + m * water, 0, 1), cv2.COLOR_BGRA2BGR)
+    return np.uint8(out * 255)
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_spatter_matches_per_image_reference_given_the_same_noise(fmnist, severity):
+    """The batched spatter equals the per-image original on every image, given the same liquid noise
+    (`corrupt` draws it first from its seeded generator): water at 1-3, mud at 4-5."""
+    c = PARAMS["spatter"][severity - 1]
+    noise = np.random.default_rng(17).normal(c[0], c[1], fmnist.shape[:3])
+    ours = corrupt(fmnist, "spatter", severity, seed=17)
+    ref = np.stack([_spatter_reference(img, c, nz) for img, nz in zip(fmnist, noise)])
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    assert (ours != fmnist).any(axis=-1).mean() > 0.01  # splashes on a few percent of the pixels
+    # water adds pale turquoise (R < G = B); mud replaces pixels by brown (R > G > B)
+    changed = (ours != fmnist).any(axis=-1)
+    delta = ours[changed].astype(int) - fmnist[changed].astype(int)
+    if severity <= 3:
+        assert (delta >= 0).all() and delta[:, 0].mean() < delta[:, 1].mean()
+    else:
+        assert (ours[changed][:, 0] >= ours[changed][:, 2]).mean() > 0.9
+
+
+def test_spatter_without_splashes_leaves_the_image_clean(colour):
+    """A liquid layer entirely below the threshold: the original would divide by a zero peak (NaN)."""
+    x = colour.astype(np.float32) / 255
+    out = C.spatter(x, (0.0, 0.0, 0.7, 0.7, 0.5, 0), np.random.default_rng(0))
+    np.testing.assert_array_equal(out, x)
+    out = C.spatter(x, (0.0, 0.0, 0.7, 0.7, 0.5, 1), np.random.default_rng(0))
+    np.testing.assert_array_equal(out, x)
+
+
 def test_frost_and_fog_statistics(fmnist):
     black = np.zeros((200, 32, 32, 3), np.uint8)
     out = corrupt(black, "frost", 1, seed=0).astype(np.float64)
@@ -358,6 +413,9 @@ def test_interpolated_constants():
     # defocus blur mixes the two neighbouring operators
     assert corruption_params("defocus_blur", 3.25) == ((0.5, 0.6, 0.75), (1, 0.2, 0.25))
     assert corruption_params("defocus_blur", 4) == PARAMS["defocus_blur"][3]
+    # spatter: water below 3.5, mud from there; water intensity grows from 0 at severity 0
+    assert corruption_params("spatter", 0.5) == pytest.approx((0.62, 0.1, 0.7, 0.7, 0.25, 0))
+    assert corruption_params("spatter", 3.25)[5] == 0 and corruption_params("spatter", 3.75)[5] == 1
     with pytest.raises(ConfigError, match="clean"):
         corruption_params("fog", 0)
 

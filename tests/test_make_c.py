@@ -88,8 +88,8 @@ def test_severity_subset_is_recorded_and_mismatches_refused(tmp_path, small):
     generate.make_c(images, labels, tmp_path, corruptions=("fog",), severities=(5,), progress=False)
     data = CorruptionArraySet(tmp_path)
     assert data.severities == (5,) and np.load(tmp_path / "fog.npy").shape == (12, 32, 32, 3)
-    with pytest.raises(ConfigError, match="already holds a set made with"):
-        generate.make_c(images, labels, tmp_path, corruptions=("fog",), severities=(1, 5), progress=False)
+    with pytest.raises(ConfigError, match="already holds a set made with"):  # fog would keep severity 5 only
+        generate.make_c(images, labels, tmp_path, corruptions=("snow",), severities=(1, 5), progress=False)
     with pytest.raises(ConfigError, match="unknown corruptions"):
         generate.make_c(images, labels, tmp_path / "x", corruptions=("rain",), progress=False)
     (tmp_path / "other").mkdir()
@@ -158,6 +158,22 @@ def test_cli_generates_a_set_from_an_image_folder(tmp_path, capsys):
     args = parser.parse_args(["make-c", "--dataset", "image-folder", "--out", str(tmp_path / "x")])
     with pytest.raises(ConfigError, match="needs --source"):
         args.func(args)
+
+
+def test_more_severities_for_every_corruption_extend_the_set(tmp_path, small):
+    """Severity 5 only (what `make demo` writes), then 1-5 for every corruption of the folder (the gradual
+    setting): the set is regenerated with the same severity-5 data; a partial request is still refused."""
+    images, labels = small
+    generate.make_c(images, labels, tmp_path, corruptions=("fog", "snow"), severities=(5,), progress=False)
+    sev5 = np.load(tmp_path / "fog.npy")
+    with pytest.raises(ConfigError, match="already holds a set made with"):
+        generate.make_c(images, labels, tmp_path, corruptions=("fog",), severities=(1, 2, 3, 4, 5), progress=False)
+    status = generate.make_c(images, labels, tmp_path, corruptions=("fog", "snow"), severities=(1, 2, 3, 4, 5),
+                             progress=False)
+    assert status == {"fog": "written", "snow": "written"}
+    data = CorruptionArraySet(tmp_path)
+    assert data.severities == (1, 2, 3, 4, 5) and np.array_equal(np.load(tmp_path / "fog.npy")[4 * 12:], sev5)
+    assert len(np.load(tmp_path / "labels.npy")) == 5 * 12
 
 
 def test_subset_request_on_a_complete_superset_keeps_it(tmp_path, small):

@@ -12,6 +12,7 @@ import torch
 from tta.errors import ConfigError, DataNotFoundError
 from tta.streams import (
     DEFAULT_SPEC,
+    EXTRA_CORRUPTIONS,
     STANDARD_ORDER,
     ArrayDomain,
     ContinualStream,
@@ -127,7 +128,11 @@ def test_repository_specs_load():
     assert set(REQUIRED) <= set(names) and DEFAULT_SPEC == "fmnist-c-continual"
     for name in names:
         spec = load_spec(name)
-        assert spec.name == name and spec.corruptions == STANDARD_ORDER
+        assert spec.name == name
+        if spec.role == "validation":  # held-out corruptions only
+            assert spec.corruptions and not set(spec.corruptions) & set(STANDARD_ORDER)
+        else:
+            assert spec.role == "test" and spec.corruptions == STANDARD_ORDER
     d = load_spec(DEFAULT_SPEC)
     assert (d.setting, d.severities, d.reset, d.dataset) == ("continual", (5,), "never", "fashion-mnist-c")
     assert load_spec("fmnist-c-reset-each-shift").reset == "domain"
@@ -202,6 +207,31 @@ def test_spec_files_are_validated(tmp_path, monkeypatch):
     (tmp_path / "odd.yaml").write_text("dataset: fashion-mnist-c\ndata: x\ncorruptions: [rain]\n")
     with pytest.raises(ConfigError, match="unknown corruptions"):
         load_spec("odd")
+
+
+def test_validation_spec_holds_the_held_out_corruptions(tmp_path, monkeypatch):
+    val = load_spec("fmnist-c-val")
+    assert val.role == "validation" and val.corruptions == EXTRA_CORRUPTIONS
+    assert (val.setting, val.severities, val.reset, val.batch_size, val.order) == ("continual", (5,), "never", 200,
+                                                                                    "shuffle")
+    monkeypatch.setenv("TTA_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataNotFoundError) as err:  # the hint makes exactly these corruptions
+        val.build()
+    assert (f"tta make-c --dataset fashion-mnist --out {tmp_path / 'fashion-mnist-c-val'} --corruptions "
+            "speckle_noise,gaussian_blur,spatter,saturate --severities 5") in str(err.value)
+
+
+def test_a_validation_stream_cannot_hold_test_corruptions_or_be_declared_on_the_command_line(tmp_path):
+    (tmp_path / "leaky.yaml").write_text("dataset: fashion-mnist-c\ndata: x\nrole: validation\n"
+                                         "corruptions: [saturate, fog]\n")
+    with pytest.raises(ConfigError, match=r"validation stream must hold held-out corruptions only.*'fog'"):
+        load_spec(tmp_path / "leaky.yaml")
+    (tmp_path / "odd.yaml").write_text("dataset: fashion-mnist-c\ndata: x\nrole: training\n")
+    with pytest.raises(ConfigError, match="role must be one of"):
+        load_spec(tmp_path / "odd.yaml")
+    for spec in (DEFAULT_SPEC, "fmnist-c-val"):
+        with pytest.raises(ConfigError, match="role .* fixed by its spec file"):
+            load_spec(spec).with_overrides(["role=validation"])
 
 
 def test_cifar10_c_and_imagenet_c_specs_build_from_their_layouts(tmp_path, monkeypatch):

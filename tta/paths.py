@@ -1,13 +1,16 @@
 """Where the runtime finds its files and where it writes them (torch-free).
 
-Model cards (``models/``) and stream specs (``streams/``) are searched in this order; every folder
-adds its entries and the first folder holding a name wins it:
+Model cards (``models/``), stream specs (``streams/``) and tuned presets (``presets/``,
+`tta.protocol.presets`) are searched in this order; every folder adds its entries and the first folder
+holding a name wins it:
 
-1. the folder named by ``TTA_MODELS_DIR`` / ``TTA_STREAMS_DIR``;
-2. ``models/`` / ``streams/`` in the working directory;
-3. the per-user folder (platformdirs; on Linux ``~/.local/share/tta-runtime/models`` and ``.../streams``);
-4. the files shipped with the package (``tta/_data/models`` and ``tta/_data/streams`` in an installed
-   wheel, read through `importlib.resources`; the repository's top-level folders in a source checkout).
+1. the folder named by ``TTA_MODELS_DIR`` / ``TTA_STREAMS_DIR`` / ``TTA_PRESETS_DIR``;
+2. ``models/`` / ``streams/`` / ``presets/`` in the working directory;
+3. the per-user folder (platformdirs; on Linux ``~/.local/share/tta-runtime/models``, ``.../streams``,
+   ``.../presets``);
+4. the files shipped with the package (``tta/_data/models``, ``tta/_data/streams``, ``tta/_data/presets``
+   in an installed wheel, read through `importlib.resources`; the repository's top-level folders in a
+   source checkout).
 
 Data (Fashion-MNIST-C and the other "-C" sets) lives under the data root: ``TTA_DATA_DIR``, else the
 per-user ``data`` folder. Files generated for a model card (AdaNPC memory ``<card>.memory.safetensors``,
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 APP_NAME = "tta-runtime"
-ENV_VARS = {"models": "TTA_MODELS_DIR", "streams": "TTA_STREAMS_DIR"}
+ENV_VARS = {"models": "TTA_MODELS_DIR", "streams": "TTA_STREAMS_DIR", "presets": "TTA_PRESETS_DIR"}
 DATA_ENV = "TTA_DATA_DIR"
 KINDS = tuple(ENV_VARS)
 
@@ -46,7 +49,7 @@ def user_data_dir() -> Path:
 
 
 def user_dir(kind: str) -> Path:
-    """The per-user ``models``, ``streams`` or ``data`` folder (it may not exist yet)."""
+    """The per-user ``models``, ``streams``, ``presets`` or ``data`` folder (it may not exist yet)."""
     return user_data_dir() / kind
 
 
@@ -57,7 +60,7 @@ def data_root() -> Path:
 
 
 def packaged_dir(kind: str) -> tuple[Path, str] | None:
-    """The shipped ``models`` / ``streams`` folder and its origin label, or None when absent.
+    """The shipped ``models`` / ``streams`` / ``presets`` folder and its origin label, or None when absent.
 
     An installed wheel carries them as package data under ``tta/_data``; a source checkout (or an
     editable install of one) keeps them at the repository root, beside the ``tta`` package.
@@ -74,7 +77,7 @@ def packaged_dir(kind: str) -> tuple[Path, str] | None:
 
 
 def search_dirs(kind: str) -> list[Found]:
-    """The folders searched for ``kind`` ("models" or "streams"), in order, existing or not."""
+    """The folders searched for ``kind`` ("models", "streams" or "presets"), in order, existing or not."""
     _check_kind(kind)
     dirs: list[Found] = []
     env = os.environ.get(ENV_VARS[kind])

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from tta.cli.run import (
+    adapter_preset,
     add_common_arguments,
     build_stream,
     card_defaults,
@@ -98,9 +99,13 @@ def bench(args: argparse.Namespace) -> int:
                     f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, "
                     f"seed {seed}")
         for name in names:
+            base, tuned, entry = adapter_preset(preset, spec, name, args, required=explicit and len(names) == 1)
+            if preset != base and entry is None:
+                logger.info(f"[{name}] no tuned values in preset {preset!r} for this card: dataset preset {base}")
             seed_everything(seed)  # the same global RNG state for every adapter
             try:
-                adapter = adapt(load_model(args), name, preset=preset, **card_defaults(name, overrides[name], args))
+                adapter = adapt(load_model(args), name, preset=base,
+                                **card_defaults(name, {**tuned, **overrides[name]}, args))
             except TTAError as exc:
                 if explicit:
                     raise

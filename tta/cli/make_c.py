@@ -1,7 +1,8 @@
 """`tta make-c`: write a corrupted ("-C") copy of a dataset in the CIFAR-10-C layout.
 
     tta make-c --dataset fashion-mnist [--out DIR] [--severities 1-5]
-               [--corruptions gaussian_noise,fog] [--limit N] [--seed S]
+               [--corruptions gaussian_noise,fog | standard | validation] [--limit N] [--seed S]
+    tta make-c --dataset fashion-mnist --corruptions validation --severities 5 --out DIR   # fmnist-c-val
     tta make-c --dataset image-folder --source DIR --out DIR   # <class>/*.jpg, images <= 64 px, one size
 
 See `tta.streams.generate` for the layout, resumption and atomic writes.
@@ -50,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default=None, help="Fashion-MNIST idx folder / image folder (default: the installed set)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="Fashion-MNIST split (default test)")
     p.add_argument("--severities", default="1-5", help="severities to generate, e.g. 1-5, 5, 1,3,5 (default 1-5)")
-    p.add_argument("--corruptions", default=None, help="comma-separated names (default: the 15 standard ones)")
+    p.add_argument("--corruptions", default=None,
+                   help="comma-separated names, 'standard' (the 15 test corruptions, default) or 'validation' "
+                        "(the 4 held-out CIFAR-10-C corruptions of the fmnist-c-val stream)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,7 +79,7 @@ def _load(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tta.streams.corruptions import CORRUPTIONS, STANDARD_ORDER
+    from tta.streams.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, STANDARD_ORDER
     from tta.streams.generate import make_c
 
     if args.out is None:
@@ -87,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         args.out = str(data_root() / "fashion-mnist-c")
     check_out_dir(args.out)
     severities = parse_severities(args.severities)
-    corruptions = STANDARD_ORDER if args.corruptions is None else tuple(c.strip() for c in args.corruptions.split(",") if c.strip())
+    named = {"standard": STANDARD_ORDER, "validation": EXTRA_CORRUPTIONS}
+    text = "standard" if args.corruptions is None else args.corruptions.strip()
+    corruptions = named.get(text) or tuple(c.strip() for c in text.split(",") if c.strip())
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
     if unknown:
         raise ConfigError(f"--corruptions: unknown {unknown}; known: {', '.join(CORRUPTIONS)}")

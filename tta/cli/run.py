@@ -34,7 +34,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model card name or YAML path (default: the built-in card)")
     parser.add_argument("--stream", default=None, help="stream spec name or YAML path (default: the built-in spec)")
     parser.add_argument("--preset", default=None,
-                        help="adapter config preset: cifar10, cifar100, imagenet (default: the spec's preset)")
+                        help="adapter config preset: cifar10, cifar100, imagenet (default: the spec's preset), or a "
+                             "tuned preset written by `tta tune` (a name such as 'tuned', or its .yaml file)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="override one adapter config field (repeatable), e.g. --set lr=1e-4")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the spec's)")
@@ -200,6 +201,23 @@ def resolve_preset(args: argparse.Namespace, spec: Any) -> str | None:
     return args.preset or getattr(spec, "preset", None)
 
 
+def adapter_preset(preset: str | None, spec: Any, adapter: str, args: argparse.Namespace,
+                   required: bool) -> tuple[str | None, dict[str, Any], Any]:
+    """(dataset preset, tuned values, tuned entry) of `adapter` under `preset`: a dataset preset passes
+    through; a tuned preset (`tta.protocol.presets`) gives the values chosen on a validation stream for
+    this card. An adapter without tuned values runs at the spec's dataset preset unless `required`."""
+    from tta.protocol.presets import is_tuned_name, resolve
+
+    if not is_tuned_name(preset):
+        return preset, {}, None
+    from tta.models import get_card
+
+    base, values, entry = resolve(preset, get_card(model_name(args)), adapter, required=required)
+    if entry is None:
+        return getattr(spec, "preset", None), {}, None
+    return base, values, entry
+
+
 def run_seed(args: argparse.Namespace, spec: Any) -> int:
     seed = int(args.seed if args.seed is not None else getattr(spec, "seed", 0) or 0)
     if not 0 <= seed <= MAX_SEED:
@@ -266,8 +284,10 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # an unknown or absent device fails before anything is written
     out = check_out_dir(args.out)
 
+    base, tuned, _ = adapter_preset(preset, spec, get_adapter_class(args.adapter).name, args, required=True)
     seed_everything(seed)
-    adapter = adapt(load_model(args), args.adapter, preset=preset, **card_defaults(args.adapter, overrides, args))
+    adapter = adapt(load_model(args), args.adapter, preset=base,
+                    **card_defaults(args.adapter, {**tuned, **overrides}, args))
     with run_logging(make_out_dir(out)) as logger:
         if video:
             from tta.cli.video import run_frames

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tta.adapters.base import Adapter, read_state
+from tta.adapters.state import DIGEST_KEY
 from tta.engine.adapted_state import adapted_state, frozen_names, load_adapted
 from tta.engine.runner import autocast, resolve_amp, resolve_device
 from tta.engine.store import FolderStateStore, StateStore, stream_key
@@ -216,11 +217,12 @@ class StreamPool:
         entry = self._acquire(stream_id)
         try:
             adapter = entry.adapter
-            adapter.check_state(state, where=str(path), require_digest=True)  # frozen tensors checked equal too
-            extra = {k: v for k, v in state["_extra_state"].items() if k != "digest"}
-            # the frozen tensors are shared by every stream: never written (equal values checked above)
-            load_adapted(adapter, {**{k: v for k, v in state.items() if k not in self._frozen_names},
-                                   "_extra_state": extra}, self._frozen_names, str(path))
+            adapter.check_state(state, where=str(path), require_digest=True)  # the whole file, frozen tensors too
+            # the frozen tensors are shared by every stream: never written (equal values checked above); the
+            # digest sealed the whole file and was verified
+            adapted = {k: v for k, v in state.items() if k not in self._frozen_names}
+            adapted["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k != DIGEST_KEY}
+            load_adapted(adapter, adapted, self._frozen_names, str(path))
         finally:
             entry.lock.release()
         self._evict_idle()

@@ -45,17 +45,12 @@ from torch import nn
 from tta.errors import ConfigError, DataNotFoundError
 from tta.streams.corruptions import CORRUPTIONS, STANDARD_ORDER, corrupt
 from tta.streams.generated import BatchPlan
-from tta.streams.names import DIFFICULTIES as NAMED_DIFFICULTIES
+from tta.streams.names import DIFFICULTIES  # noqa: F401 - re-exported
 from tta.streams.settings import to_tensor
 
 #: calibration grid of severities (0 = clean): fine near 0, where the source model's accuracy falls fastest
 #: (frost, fog, brightness and contrast lose 40-60 points by severity 0.5), coarse above 2, where it is flat
 GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
-#: source-model accuracy (%) each difficulty holds. CCC's ImageNet levels (40 / 20 / 0 % for a ResNet-50
-#: with 76 % clean and ~18 % mean accuracy at ImageNet-C severity 5) sit above, at and below the severity-5
-#: mean; on Fashion-MNIST-C the default card has 93 % clean and ~53 % severity-5 mean accuracy, and the
-#: 10-class chance level is 10 %, so: easy above the mean, medium at it, hard well below it but above chance.
-DIFFICULTIES: dict[str, float] = NAMED_DIFFICULTIES  # defined torch-free in tta.streams.names (spec checks)
 #: CCC's transition speeds: images per 0.25 of severity change
 SPEEDS: tuple[int, ...] = (1000, 2000, 5000)
 #: a corruption joins a difficulty when its accuracy at its strongest severity is <= target + this

@@ -14,7 +14,9 @@ Every corruption works on a whole uint8 NHWC batch at once:
   per-image offsets/coordinates, looping only over kernel taps;
 - glass blur's sequential local pixel moves loop over pixel positions (as the original), each step
   moving that position in every image of the batch at once;
-- JPEG is the only per-image Python loop (the codec works on one image).
+- JPEG and spatter's water shading (OpenCV's Canny edges, distance transform and histogram
+  equalisation of each image's liquid layer) are the only per-image Python loops: those functions
+  take one image.
 Two behaviours of the original code are reproduced on purpose: glass blur's "swap" is a copy (see
 `glass_blur`), and zoom blur's zoom list starts at 1.0 (the clean image is counted twice).
 
@@ -76,6 +78,14 @@ PARAMS: dict[str, tuple] = {
     "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),
     "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1),
     "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+    # (liquid mean, liquid std, liquid blur sigma, threshold, water intensity | mud blur sigma, mud?)
+    "spatter": (
+        (0.62, 0.1, 0.7, 0.7, 0.5, 0),
+        (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+        (0.65, 0.3, 1, 0.69, 0.5, 0),
+        (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+        (0.65, 0.1, 0.5, 0.68, 0.6, 1),
+    ),
 }
 
 #: The constants at severity 0: where each constant of `PARAMS` goes as the corruption vanishes.
@@ -100,12 +110,14 @@ CLEAN_PARAMS: dict[str, object] = {
     "speckle_noise": 0.0,
     "gaussian_blur": 0.0,
     "saturate": (1.0, 0.0),
+    "spatter": (0.62, 0.1, 0.7, 0.7, 0.0, 0),  # water splashes of intensity 0
 }
 #: zoom blur's largest zoom factor (exclusive) per severity 1..5, the interpolated constant
 ZOOM_MAX: tuple[float, ...] = (1.06, 1.11, 1.16, 1.21, 1.26)
 #: positions of integer-valued constants (rounded after interpolation)
 _INTEGER_FIELDS: dict[str, tuple[int, ...]] = {
     "glass_blur": (1,), "motion_blur": (0,), "snow": (4,), "jpeg_compression": (0,),
+    "spatter": (5,),  # water (0) or mud (1): between severities 3 and 4 the nearer one's kind
 }
 
 Array = np.ndarray
@@ -479,6 +491,52 @@ def saturate(x: Array, c: tuple[float, float], rng: np.random.Generator) -> Arra
     return np.where(s > 0, coloured, grey)
 
 
+#: spatter colours (RGB in [0, 1]): pale turquoise water, brown mud
+WATER_RGB = np.array([175, 238, 238], dtype=np.float32) / 255
+MUD_RGB = np.array([63, 42, 20], dtype=np.float32) / 255
+#: the 3x3 emboss kernel the water splashes are shaded with (correlation, as cv2.filter2D applies it)
+_SPATTER_EMBOSS = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float32)
+
+
+def _water_shading(layer: Array) -> Array:
+    """The shading of water splashes: distance to the splash outlines (Canny edges), truncated at 20 px,
+    smoothed, histogram-equalised and embossed, for one uint8 (H, W) liquid layer; float32 (H, W).
+    OpenCV's Canny, distance transform and histogram equalisation take one image at a time."""
+    dist = cv2.distanceTransform(255 - cv2.Canny(layer, 50, 150), cv2.DIST_L2, 5)
+    dist = np.minimum(dist, 20)  # cv2.threshold(dist, 20, 20, THRESH_TRUNC)
+    dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+    dist = cv2.filter2D(dist, cv2.CV_8U, _SPATTER_EMBOSS)
+    return cv2.blur(dist, (3, 3)).astype(np.float32)
+
+
+def spatter(x: Array, c: tuple, rng: np.random.Generator) -> Array:
+    """Liquid splashes (CIFAR-10-C severities 1-3: water) or mud (4-5) over the image.
+
+    A liquid layer per image: Gaussian noise (mean, std), blurred (sigma), values below the threshold
+    set to 0. Water: the layer as uint8 times its shading (`_water_shading`), normalised to a peak of 1
+    per image and scaled by the intensity, adds pale turquoise. Mud: where the layer is above the
+    threshold, a mask blurred with the last sigma and kept where >= 0.8 replaces the image by brown.
+    Everything but the water shading runs on the whole batch. Two edge cases of the original are made
+    explicit: a layer value above 1 wraps around modulo 256 when cast to uint8, as numpy's cast did for
+    the original on x86 (a bright splash centre turns dark and gets an outline: the CIFAR-10-C data has
+    these), and an image without splashes stays clean (the original divides by a zero peak)."""
+    loc, scale, sigma, threshold, last, mud = c
+    n = x.shape[0]
+    liquid = _gaussian(rng.normal(loc, scale, x.shape[:3]), sigma)
+    liquid[liquid < threshold] = 0
+    if mud:
+        mask = _gaussian((liquid > threshold).astype(np.float32), last)
+        mask[mask < 0.8] = 0
+        mask = mask[..., None]
+        return x * (1 - mask) + MUD_RGB * mask
+    layer = ((liquid * 255).astype(np.int64) % 256).astype(np.uint8)  # the original's uint8 cast wraps around
+    shading = np.stack([_water_shading(layer[i]) for i in range(n)]) if n else np.zeros(layer.shape, np.float32)
+    m = layer.astype(np.float32) * shading
+    peak = m.max(axis=(1, 2), keepdims=True)
+    m = np.where(peak > 0, m / np.where(peak > 0, peak, 1), 0) * last
+    return x + m[..., None] * WATER_RGB
+
+
 def elastic_transform(x: Array, c: tuple[float, float, float], rng: np.random.Generator) -> Array:
     """Random affine (three points around the centre moved by up to `affine` px; cv2.warpAffine,
     BORDER_REFLECT_101), then a smooth random displacement field (alpha, sigma), reflect mode."""
@@ -529,7 +587,7 @@ _FUNCS: dict[str, Callable[[Array, object, np.random.Generator], Array]] = {
     "defocus_blur": defocus_blur, "glass_blur": glass_blur, "motion_blur": motion_blur,
     "zoom_blur": zoom_blur, "snow": snow, "frost": frost, "fog": fog, "brightness": brightness, "contrast": contrast,
     "elastic_transform": elastic_transform, "pixelate": pixelate, "jpeg_compression": jpeg_compression,
-    "speckle_noise": speckle_noise, "gaussian_blur": gaussian_blur, "saturate": saturate,
+    "speckle_noise": speckle_noise, "gaussian_blur": gaussian_blur, "spatter": spatter, "saturate": saturate,
 }
 
 

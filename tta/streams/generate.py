@@ -102,7 +102,12 @@ def make_c(
         return {c: "kept" for c in corruptions}
     if old is not None:
         keys = ("n", "height", "width", "severities", "seed", "chunk")
-        if any(old.get(k) != meta[k] for k in keys):
+        present = {p.stem for p in root.glob("*.npy")} - {"labels"}
+        extending = (set(old.get("severities") or []) < set(severities) and present <= set(corruptions)
+                     and all(old.get(k) == meta[k] for k in keys if k != "severities"))
+        if extending:  # more severities for every corruption of the folder: regenerated (deterministic)
+            pass
+        elif any(old.get(k) != meta[k] for k in keys):
             raise ConfigError(
                 f"{root} already holds a set made with {{{', '.join(f'{k}: {old.get(k)}' for k in keys)}}}, "
                 f"not {{{', '.join(f'{k}: {meta[k]}' for k in keys)}}}; choose another --out or delete that folder"

@@ -16,6 +16,7 @@ A spec names its data (a folder under the data root), the setting and the protoc
     n_per_domain: 2000                # null = every image
     seed: 1
     preset: cifar10                   # adapter config preset the engine applies (cifar10|cifar100|imagenet)
+    role: test                        # test | validation (the only streams `tta tune` accepts)
 
 Long streams (`setting: recurring` / `ccc`, see `tta.streams.generated` and `tta.streams.ccc`):
 
@@ -28,6 +29,11 @@ Long streams (`setting: recurring` / `ccc`, see `tta.streams.generated` and `tta
 With the clean dataset ``fashion-mnist`` (the official idx files, `tta.streams.fashion_mnist`) the
 corruptions are generated on the fly, batch by batch (nothing stored, any length); a recurring
 stream over a stored "-C" set repeats its stored domains.
+
+Honest tuning: a spec with ``role: validation`` is a stream hyperparameters may be chosen on; it must
+hold none of the standard 15 (test) corruptions (`fmnist-c-val`: the four CIFAR-10-C extra corruptions,
+held out for validation). `tta tune` refuses every other stream, and `role` cannot be overridden on
+the command line.
 
 Specs are found by name in the search order of `tta.paths` ($TTA_STREAMS_DIR, ./streams, the per-user
 folder, the shipped specs); data under `tta.paths.data_root()` ($TTA_DATA_DIR, else the per-user data
@@ -54,10 +60,12 @@ if TYPE_CHECKING:
     from tta.streams.base import Stream
 
 DEFAULT_SPEC = "fmnist-c-continual"
+#: what a stream may be used for: reporting (test) or choosing hyperparameters (validation)
+ROLES = ("test", "validation")
 SETTINGS = ("continual", "gradual", "mixed", "recurring", "ccc")
+SPEC_SUFFIXES = (".yaml", ".yml")
 #: clean datasets: the corruptions of their streams are generated on the fly
 CLEAN_DATASETS = ("fashion-mnist",)
-SPEC_SUFFIXES = (".yaml", ".yml")
 
 #: dataset -> (layout kind, number of classes, how to get it; {path} is the folder the spec expects)
 DATASETS: dict[str, tuple[str, int, str]] = {
@@ -71,7 +79,7 @@ DATASETS: dict[str, tuple[str, int, str]] = {
         "cifar-c",
         10,
         "create it (about 2 CPU-minutes: 15 corruptions x 5 severities x 10,000 images) with: "
-        "tta make-c --dataset fashion-mnist --out {path}",
+        "tta make-c --dataset fashion-mnist --out {path}{options}",
     ),
     "cifar10-c": (
         "cifar-c",
@@ -136,11 +144,12 @@ class StreamSpec:
     speed: int = 2000
     length: int | None = None
     calibration: str | None = None
+    role: str = "test"
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         where = f"spec {self.name}"
-        for key in ("name", "dataset", "setting", "order", "description"):
+        for key in ("name", "dataset", "setting", "order", "role", "description"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{where}: {key} must be a string, got {getattr(self, key)!r}")
         for key in ("data", "difficulty", "calibration"):
@@ -173,7 +182,7 @@ class StreamSpec:
         if self.concentration is not None and (isinstance(self.concentration, bool)
                                                or not isinstance(self.concentration, (int, float))):
             raise ConfigError(f"{where}: concentration must be a number, got {self.concentration!r}")
-        for key in ("preset", "image_list"):
+        for key in ("data", "preset", "image_list", "difficulty", "calibration"):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{where}: {key} must be a string or null, got {getattr(self, key)!r}")
         try:
@@ -182,6 +191,12 @@ class StreamSpec:
             raise ConfigError(f"{where}: {exc}") from None
         if self.order not in ORDERS:
             raise ConfigError(f"spec {self.name}: order must be one of {ORDERS}, got {self.order!r}")
+        if self.role not in ROLES:
+            raise ConfigError(f"{where}: role must be one of {ROLES}, got {self.role!r}")
+        test_corruptions = [c for c in self.corruptions if c in STANDARD_ORDER]
+        if self.role == "validation" and (test_corruptions or self.setting == "ccc"):
+            raise ConfigError(f"{where}: a validation stream must hold held-out corruptions only, not the test "
+                              f"corruptions {test_corruptions or list(STANDARD_ORDER)}")
         if self.order == "dirichlet" and not (self.concentration and self.concentration > 0):
             raise ConfigError(f"spec {self.name}: order 'dirichlet' needs a concentration > 0")
         if self.resize_crop is not None:
@@ -244,8 +259,10 @@ class StreamSpec:
             if "=" not in item:
                 raise ConfigError(f"stream setting: expected key=value, got {item!r}")
             key, raw = (part.strip() for part in item.split("=", 1))
+            if key == "role":
+                raise ConfigError("a stream's role (test or validation) is fixed by its spec file, not overridden")
             if key not in _FIELDS or key == "name":
-                raise ConfigError(f"unknown stream spec key {key!r}; known: {sorted(_FIELDS - {'name'})}")
+                raise ConfigError(f"unknown stream spec key {key!r}; known: {sorted(_FIELDS - {'name', 'role'})}")
             try:
                 changes[key] = yaml.safe_load(raw)
             except yaml.YAMLError as exc:
@@ -276,7 +293,12 @@ class StreamSpec:
         return d / self.data
 
     def how_to_get(self, path: Path) -> str:
-        return DATASETS[self.dataset][2].format(path=path)
+        options = ""
+        if tuple(self.corruptions) != STANDARD_ORDER:
+            options += " --corruptions " + ",".join(self.corruptions)
+        if self.setting != "gradual" and tuple(self.severities) != (1, 2, 3, 4, 5):
+            options += " --severities " + ",".join(str(s) for s in self.severities)
+        return DATASETS[self.dataset][2].format(path=path, options=options)
 
     def _open(self, path: Path):
         from tta.streams.datasets import CIFAR_C_LAYOUT, IMAGENET_C_LAYOUT, CorruptionArraySet, ImageNetCSet
@@ -313,8 +335,6 @@ class StreamSpec:
         data_dir: str | os.PathLike[str] | None = None,
     ) -> Stream:
         """The stream this spec describes; arguments override the spec's values."""
-        from tta.streams.settings import ContinualStream, GradualStream, MixedDomainStream
-
         bs = _int(self.batch_size if batch_size is None else batch_size, "batch_size", 1)
         n = _int(self.n_per_domain if n_per_domain is None else n_per_domain, "n_per_domain", 1, allow_none=True)
         sd = _int(self.seed if seed is None else seed, "seed", 0)
@@ -322,6 +342,8 @@ class StreamSpec:
             stream = self._build_generated(bs, n, sd, data_dir)
             stream.spec = self
             return stream
+        from tta.streams.settings import ContinualStream, GradualStream, MixedDomainStream
+
         data = self._open(self.data_path(data_dir))
         multi_sev = len(self.severities) > 1
         domains = [
