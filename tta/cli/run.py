@@ -79,15 +79,17 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def card_defaults(adapter: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Config values that follow from the model card unless set explicitly: an adapter with a
-    ``memory`` field (AdaNPC) uses the card's memory file (``models/<card>.memory.safetensors``)."""
+    ``memory`` field (AdaNPC) uses the card's memory file (``models/<card>.memory.safetensors``),
+    one with a ``fisher`` field (EATA) the card's Fisher file (``<card>.fisher.safetensors``)."""
     from tta.adapters import get_adapter_class
     from tta.adapters.teacher import card_defaults as teacher_card_defaults
 
     # ``key=card`` (e.g. CoTTA's ap=card -> the card's cotta_threshold) and ViDA's warmed-up
     # adapters beside the card (models/<card>.vida.safetensors) when they exist.
     overrides = teacher_card_defaults(get_adapter_class(adapter).Config, overrides, model_name(args))
-    if "memory" in get_adapter_class(adapter).Config.field_names() and overrides.get("memory") is None:
-        return {**overrides, "memory": model_name(args)}
+    for key in ("memory", "fisher"):  # card artefacts: the config takes the card name
+        if key in get_adapter_class(adapter).Config.field_names() and overrides.get(key) is None:
+            overrides = {**overrides, key: model_name(args)}
     return overrides
 
 
