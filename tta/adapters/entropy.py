@@ -19,7 +19,7 @@ from tta.adapters.base import Adapter
 from tta.errors import NoAdaptableLayerError
 from tta.layers import CalibratedBatchNorm, replace_batchnorms
 
-NORM_TYPES = (CalibratedBatchNorm, nn.LayerNorm, nn.GroupNorm)
+NORM_TYPES = (CalibratedBatchNorm, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 #: module names of the top layers SAR's and DeYO's reference code does not adapt: layer4 of a
 #: ResNet-50, blocks 9-11 of a ViT-B and the final norm (matched as whole name components)
 TOP_LAYERS = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm")
