@@ -20,8 +20,9 @@ Defaults and presets follow the reference library (mariodoebler/test-time-adapta
 ``conf.py`` and ``cfgs/*/deyo.yaml``): Adam lr 1e-3 (cifar10, cifar100), SGD lr 2.5e-4 momentum 0.9
 Nesterov (imagenet). As in the reference (Jhyun17/DeYO and the library's port), norm layers of the
 top of the network are not adapted (``excluded``: ``layer4``, ``blocks.9``-``blocks.11``, the final
-``norm``; see `tta.adapters.sar`), BatchNorm uses test-batch statistics (also for x', whose batch
-is S1), the model is otherwise in eval mode (the library; the original code uses train mode).
+``norm``, `tta.adapters.entropy.TOP_LAYERS`), BatchNorm uses test-batch statistics (also for x',
+whose batch is S1), the model is otherwise in eval mode (the library; the original code uses train
+mode).
 
 Randomness: the shuffles come from the adapter's generator on the batch's device (saved in its
 state): ``patch`` draws ``torch.rand(|S1|, patch_len**2)`` and argsorts each row, ``pixel`` draws
