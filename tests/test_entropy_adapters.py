@@ -175,3 +175,15 @@ def test_runs_on_the_shipped_cards_training_only_norm_parameters(name, card, shi
     assert set(changed) <= set(adapter.norm_param_names)
     kinds = {type(m).__name__ for n, m in adapter.model.named_modules() if f"{n}.weight" in adapter.norm_param_names}
     assert kinds == ({"CalibratedBatchNorm"} if card == "resnet20-fmnist" else {"LayerNorm"})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fork_is_independent(name):
+    a = build(name, tiny_cnn(), seed=2, lr=0.05)
+    a(batches(1)[0])
+    before = copy.deepcopy(a.state_dict())
+    b = a.fork()
+    for x in batches(2, seed=4):
+        b(x)
+    same_state(before, a.state_dict())
+    assert any(not torch.equal(v, before[k]) for k, v in b.state_dict().items() if k != "_extra_state")

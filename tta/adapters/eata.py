@@ -17,7 +17,8 @@ batches of the test batch size through the adapter's model set-up (BatchNorm wit
 and averages the squared gradient of the cross-entropy to the model's own argmax labels over the
 batches. Here it is an artefact of the model card: ``tta build-fisher --model CARD`` writes
 ``<card>.fisher.safetensors`` (`fisher_path_for_card`) and ``fisher=CARD`` (the CLI's default for
-this adapter) or ``fisher=PATH`` loads it. ETA is EATA with ``fisher_alpha = 0``.
+this adapter) or ``fisher=PATH`` loads it (`ModelCard.artifact_path`: the user's rebuilt file first,
+then the one shipped beside the card). ETA is EATA with ``fisher_alpha = 0``.
 
 Trained: the affine parameters of every BatchNorm/LayerNorm/GroupNorm, BatchNorm with test-batch
 statistics, the model otherwise in eval mode (the reference library's set-up; the original EATA
@@ -223,15 +224,12 @@ class EATA(ETA):
 
 # ---------------------------------------------------------------------- the Fisher artefact
 def fisher_path_for_card(card: str) -> Path:
-    """Where the Fisher information of a model card lives: ``<card>.fisher.safetensors`` beside the card.
-
-    The one place of this rule (switch it to the card's artefact-path method when there is one).
-    """
+    """The Fisher file ``<card>.fisher.safetensors`` of a model card (`ModelCard.artifact_path`: where
+    `tta build-fisher` writes it, else beside the card); missing: where it would be written."""
     from tta.models import get_card
 
     mc = get_card(card)
-    folder = mc.path.parent if mc.path is not None else Path(".")
-    return folder / f"{mc.name}{FISHER_SUFFIX}"
+    return mc.artifact_path(FISHER_SUFFIX) or mc.artifact_output_path(FISHER_SUFFIX)
 
 
 def resolve_fisher_path(fisher: str | os.PathLike[str]) -> Path:

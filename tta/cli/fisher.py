@@ -1,6 +1,6 @@
 """`tta build-fisher`: EATA's Fisher information of a model card, stored as an artefact of the card.
 
-    tta build-fisher --model resnet20-fmnist          # -> <card folder>/resnet20-fmnist.fisher.safetensors
+    tta build-fisher --model resnet20-fmnist          # -> resnet20-fmnist.fisher.safetensors (see below)
     tta build-fisher --model CARD --samples 2000 --batch-size 200 --seed 0 --out PATH
 
 The reference recipe (EATA, Niu et al. 2022; mariodoebler/test-time-adaptation): a random subset
@@ -8,6 +8,10 @@ of ``--samples`` clean training images of the card's dataset, in batches of the 
 through the adapter's model set-up (BatchNorm with batch statistics); the squared gradient of the
 cross-entropy to the model's own argmax labels, averaged over the batches
 (`tta.adapters.eata.compute_fisher`).
+
+The file goes where the card's generated files go (`ModelCard.artifact_output_path`: beside the card
+when it is the user's own and writable, else the per-user ``models`` folder) unless ``--out`` names
+one; EATA finds it there by the card's name (``fisher=CARD``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="model card name or path")
-    p.add_argument("--out", default=None, help="output file (default: <card>.fisher.safetensors beside the card)")
+    p.add_argument("--out", default=None,
+                   help="output file (default: <card>.fisher.safetensors where the card's generated files go)")
     p.add_argument("--samples", type=int, default=2000, help="clean training images drawn at random (default 2000)")
     p.add_argument("--batch-size", type=int, default=200, help="images per batch: the test batch size (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random subset")
@@ -40,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tta.adapters.eata import compute_fisher, fisher_path_for_card, save_fisher
+    from tta.adapters.eata import FISHER_SUFFIX, compute_fisher, save_fisher
     from tta.cli.memory import _source_split
     from tta.models import get_card, load
 
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(card, device=args.device)
     start = time.perf_counter()
     fisher = compute_fisher(model, images, batch_size=args.batch_size, device=args.device)
-    out = Path(args.out) if args.out else fisher_path_for_card(args.model)
+    out = Path(args.out) if args.out else card.artifact_output_path(FISHER_SUFFIX)
     command = "tta " + " ".join(shlex.quote(a) for a in (args.argv or []))
     save_fisher(out, fisher, {
         "card": card.name, "dataset": str(card.dataset), "split": "train", "samples": str(images.shape[0]),
