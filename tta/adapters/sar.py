@@ -119,8 +119,7 @@ class SAR(NormAffineAdapter):
         n1 = int(reliable.sum())
         self.counters["reliable"] = self.counters.get("reliable", 0) + n1
         loss1 = entropy[reliable].sum() / max(n1, 1)  # an empty selection: zero loss, zero gradient
-        grads = torch.autograd.grad(loss1, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        grads = torch.autograd.grad(loss1, params, materialize_grads=True)  # zeros for unused params
         backup = self._backup_buffers()
         with torch.no_grad():
             torch._foreach_copy_(backup, params)
