@@ -159,6 +159,7 @@ class ROID(NormAffineAdapter):
                 weights = torch.where(keep, torch.exp(diversity * certainty / cfg.temperature), 0.0)
                 m = cfg.momentum_probs
                 self.class_probs = m * class_probs + (1 - m) * probs.mean(0)
+        self.counters["selected"] = self.counters.get("selected", 0) + int(keep.sum())
         loss = (soft_likelihood_ratio(outputs) * weights)[keep].sum() / b
         if cfg.use_consistency:
             kept = x[keep]
