@@ -187,3 +187,33 @@ def test_fork_is_independent(name):
         b(x)
     same_state(before, a.state_dict())
     assert any(not torch.equal(v, before[k]) for k, v in b.state_dict().items() if k != "_extra_state")
+
+
+def test_cli_bench_runs_the_family_with_per_adapter_settings(monkeypatch, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from engine_helpers import tensor_stream
+    from tta.cli import main
+
+    def build_stream(batch_size=None, n_per_domain=None, seed=None, data_dir=None):
+        stream = tensor_stream({"a": 32, "b": 32}, batch_size or 16)
+        stream.reset = "never"
+        return stream
+
+    spec = SimpleNamespace(name="toy", batch_size=16, n_per_domain=32, seed=1, reset="never", preset="cifar10",
+                           build=build_stream)
+    monkeypatch.setattr(tta.streams, "load_spec", lambda name: spec)
+    monkeypatch.setattr(tta.models, "load", lambda card, device="cpu": tiny_cnn())
+    argv = ["bench", "--adapters", "eata,eta,sar,deyo,roid", "--no-progress", "--out", str(tmp_path),
+            "--set", "eata.fisher_alpha=0", "--set", "sar.rho=0.1", "--set", "roid.use_consistency=false",
+            "--set", "deyo.aug_type=pixel", "--set", "margin_e0=0.7"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["eata", "eta", "sar", "deyo", "roid"]
+    configs = json.loads((tmp_path / "meta.json").read_text())["configs"]
+    assert configs["sar"]["rho"] == 0.1 and configs["roid"]["use_consistency"] is False
+    assert configs["deyo"]["aug_type"] == "pixel" and configs["eata"]["fisher_alpha"] == 0.0
+    assert configs["eta"]["margin_e0"] == configs["sar"]["margin_e0"] == configs["deyo"]["margin_e0"] == 0.7
+    assert configs["eata"]["fisher"] == tta.models.DEFAULT_CARD  # the card's Fisher file by default
+    assert configs["sar"]["optimizer"] == "sgd" and configs["eta"]["optimizer"] == "adam"  # cifar10 preset
