@@ -8,6 +8,8 @@ STAMP := $(VENV)/.tta-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 FMNIST_C := data/fashion-mnist-c
+# From the checkout, data lives in ./data (an installed runtime defaults to the per-user data folder).
+export TTA_DATA_DIR ?= $(CURDIR)/data
 # Main job defaults: the continual benchmark on a documented subset (DEMO_LIMIT images per domain).
 DEMO_ADAPTERS ?= source,bn,alpha-bn,tent,adanpc
 DEMO_LIMIT ?= 2000
@@ -34,7 +36,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard CMakeLists.txt) $(shell find csrc -
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[torch,test]'
 	touch $@
 
 $(FMNIST):
@@ -52,4 +54,4 @@ bench: setup data
 	$(PY) bench/bench_edge.py
 
 clean:
-	rm -rf build runs $(VENV) *.egg-info
+	rm -rf build dist runs $(VENV) *.egg-info

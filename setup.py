@@ -1,6 +1,13 @@
-"""Build script of the compiled ops library `tta._C` (everything else is in pyproject.toml).
+"""Build script: the packages with their shipped data, the build record, and the compiled ops library
+`tta._C` (the project metadata is in pyproject.toml).
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e ".[torch,test]"     # development (what `make test` does)
+    pip wheel --no-deps --no-build-isolation . -w dist      # the wheel users install
+
+Package data: the repository's top-level `models/` (cards, checkpoints, artefacts) and `streams/`
+(specs) folders are installed as `tta/_data/models` and `tta/_data/streams`, read through
+`importlib.resources` (`tta.paths`); a source checkout reads them where they are. The wheel also
+records the git commit it was built from (`tta/_build.json`, read by `tta.provenance`).
 
 builds `tta._C` from csrc/ with torch.utils.cpp_extension and ninja: the CPU kernels always, the
 CUDA kernels (csrc/cuda/*.cu) when the switch says so:
@@ -20,14 +27,47 @@ CMakeLists.txt builds the same library with CMake (see its header) as a developm
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
+import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+#: shipped data folders at the repository root -> their package inside the wheel
+DATA_PACKAGES = {"tta._data.models": "models", "tta._data.streams": "streams"}
+PACKAGE_DATA = {
+    "tta": ["py.typed"],
+    "tta._data.models": ["*.yaml", "*.safetensors"],
+    "tta._data.streams": ["*.yaml"],
+}
+
+
+def _git_commit() -> dict:
+    """The commit the build runs from (None outside a git checkout) and whether the tree had changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+class BuildPyWithRecord(build_py):
+    """build_py that also writes tta/_build.json (git commit of the build) into the built package."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:  # an editable install asks git at run time instead
+            target = os.path.join(self.build_lib, "tta", "_build.json")
+            with open(target, "w") as f:
+                json.dump(_git_commit(), f)
 
 
 def _cuda_home() -> str | None:
@@ -91,4 +131,10 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=find_packages(include=["tta", "tta.*"]) + list(DATA_PACKAGES),
+    package_dir=DATA_PACKAGES,
+    package_data=PACKAGE_DATA,
+    ext_modules=ext_modules,
+    cmdclass={**cmdclass, "build_py": BuildPyWithRecord},
+)

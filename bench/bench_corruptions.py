@@ -8,7 +8,7 @@ Columns per corruption:
   (`imagecorruptions.corrupt`, one call per image) on the same `ref_n` images, measured side by side.
   NOTE: `imagecorruptions` uses the ImageNet-C constants (larger kernels, e.g. motion blur radius
   10-20 vs 6-9, zoom factors up to 1.31), so the per-image reference does somewhat different work
-  than the CIFAR-10-C constants; it is the maintained per-image implementation the issue names.
+  than the CIFAR-10-C constants; it is the maintained per-image implementation (the `imagecorruptions` package).
 - speedup wall / CPU: ratio of the reference's to our time on the same images (wall clock, and CPU
   time of the process: the machine is shared, CPU time is the steadier measure of work).
 """

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tta.errors import DataNotFoundError
-from tta.models import DEFAULT_CARD, VIT_CARD, ModelCard, get_card, list_cards, load, models_dir, sha256_file
+from tta.models import DEFAULT_CARD, VIT_CARD, ModelCard, card_entries, get_card, list_cards, load, sha256_file
 from tta.models.training import evaluate, to_tensor_uint8
 
 SHIPPED = [DEFAULT_CARD, VIT_CARD]
@@ -57,7 +57,7 @@ def test_unknown_card_and_missing_checkpoint(tmp_path: Path, monkeypatch: pytest
         get_card(tmp_path / "absent.yaml")
     monkeypatch.setenv("TTA_MODELS_DIR", str(tmp_path))
     _card(tmp_path).save(tmp_path / "demo.yaml")
-    assert models_dir() == tmp_path and list_cards() == ["demo"]
+    assert card_entries()["demo"].origin == "$TTA_MODELS_DIR" and DEFAULT_CARD in list_cards()
     with pytest.raises(DataNotFoundError, match=r"demo\.safetensors does not exist"):
         load("demo")
 

@@ -38,6 +38,7 @@ class ToySpec:
     seed: int = 1
     reset: str = "never"
     preset: str | None = None
+    num_classes: int = 10
     calls: list = field(default_factory=list)
 
     def build(self, batch_size=None, n_per_domain=None, seed=None, data_dir=None):
@@ -61,8 +62,18 @@ def toy(monkeypatch):
         loaded.append(card)
         return tiny_cnn()
 
+    real_get_card = tta.models.get_card
+
+    def get_card(card):
+        """The real card when it exists, else a stand-in card for the tiny CNN."""
+        try:
+            return real_get_card(card)
+        except tta.errors.DataNotFoundError:
+            return tta.models.ModelCard(name=str(card), arch="tiny-cnn", num_classes=10, checkpoint="tiny.safetensors")
+
     monkeypatch.setattr(tta.streams, "load_spec", load_spec)
     monkeypatch.setattr(tta.models, "load", load)
+    monkeypatch.setattr(tta.models, "get_card", get_card)
     spec.loaded = loaded
     return spec
 
@@ -79,8 +90,8 @@ def test_run_prints_domain_lines_and_writes_results(toy, tmp_path, capsys):
     assert toy.loaded == [tta.streams.DEFAULT_SPEC, tta.models.DEFAULT_CARD]
     expected = run_stream(tta.adapt(tiny_cnn(), "tent"), ToySpec().build(), device="cpu", progress=False)
     for d in DOMAINS:
-        assert f"error % [{d}]: {expected.domain_errors[d]:.2f}" in out
-    assert f"mean error %: {expected.mean_error:.2f}" in out
+        assert f"error % [{d}][#samples={expected.domain_images[d]}]: {expected.domain_errors[d]:.2f}%" in out
+    assert f"mean error: {expected.mean_error:.2f}%" in out
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["tent"]["domains"] == pytest.approx(expected.domain_errors, abs=1e-3)
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -185,21 +196,115 @@ def test_run_with_progress_bars(toy, capsys):
     assert main(["run", "--adapter", "bn"]) == 0
     captured = capsys.readouterr()
     for d in DOMAINS:
-        assert f"error % [{d}]: " in captured.out  # written above the bars
+        assert f"error % [{d}][#samples=" in captured.out  # written above the bars
         assert f"{d}: 100%" in captured.err  # one bar per domain
-    assert "mean error %: " in captured.out
+    assert "mean error: " in captured.out
 
 
 @pytest.mark.skipif("adanpc" not in tta.list_adapters(), reason="needs the AdaNPC adapter")
-def test_memory_adapters_default_to_the_cards_memory(toy, tmp_path, capsys):
+def _copy_card(folder, name="r20"):
+    """The shipped ResNet-20 card as a user's own card `name` in `folder` (checkpoint + AdaNPC memory)."""
+    import shutil
+
+    shipped = tta.models.get_card("resnet20-fmnist")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shipped.checkpoint_path(), folder / f"{name}.safetensors")
+    text = shipped.path.read_text().replace("name: resnet20-fmnist", f"name: {name}")
+    (folder / f"{name}.yaml").write_text(text.replace("checkpoint: resnet20-fmnist.safetensors",
+                                                      f"checkpoint: {name}.safetensors"))
+    return folder / f"{name}.yaml"
+
+
+def test_memory_adapters_default_to_the_cards_memory(toy, tmp_path, capsys, monkeypatch):
     import argparse
+    import shutil
 
     from tta.cli.run import card_defaults
 
-    args = argparse.Namespace(model="my-card")
-    assert card_defaults("adanpc", {}, args) == {"memory": "my-card"}
-    assert card_defaults("adanpc", {"memory": "x.safetensors"}, args) == {"memory": "x.safetensors"}
-    assert card_defaults("tent", {"lr": 0.1}, args) == {"lr": 0.1}
-    # no memory file for the card: one clear line, exit 2
-    assert main(["run", "--adapter", "adanpc", "--model", str(tmp_path / "card.yaml"), "--no-progress"]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    card_yaml = _copy_card(tmp_path / "cards")
+    # no memory file for the card: one clear line naming the fix, exit 2, nothing written
+    assert main(["run", "--adapter", "adanpc", "--model", str(card_yaml), "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tta build-memory" in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+    shutil.copy(tta.models.get_card("resnet20-fmnist").artifact_path(".memory.safetensors"),
+                tmp_path / "cards" / "r20.memory.safetensors")
+    memory = str(tmp_path / "cards" / "r20.memory.safetensors")
+    # found from the loaded card, whether it was given as a path or named
+    assert card_defaults("adanpc", {}, argparse.Namespace(model=str(card_yaml))) == {"memory": memory}
+    monkeypatch.setenv("TTA_MODELS_DIR", str(tmp_path / "cards"))
+    assert card_defaults("adanpc", {}, argparse.Namespace(model="r20")) == {"memory": memory}
+    assert card_defaults("adanpc", {"memory": "x.safetensors"}, argparse.Namespace(model="r20")) == {
+        "memory": "x.safetensors"}
+    assert card_defaults("tent", {"lr": 0.1}, argparse.Namespace(model="r20")) == {"lr": 0.1}
+    # end to end with the real model given as a path (the toy stream stands in for the data)
+    monkeypatch.setattr(tta.models, "load", tta.models.cards.load)
+    assert main(["run", "--adapter", "adanpc", "--model", str(card_yaml), "--no-progress", "--set", "k=5"]) == 0
+
+
+def test_meta_records_version_commit_and_the_log(toy, tmp_path, capsys):
+    assert main(["run", "--adapter", "bn", "--no-progress", "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["package"] == "tta-runtime" and meta["version"] == tta.__version__
+    assert meta["git"]["source"] == "git" and len(meta["git"]["commit"]) == 40
+    log = (tmp_path / "run.log").read_text()
+    assert "INFO tta: tta run: bn on" in log and "error % [gaussian_noise][#samples=24]:" in log
+    assert "mean error: " in log
+
+
+def test_bench_writes_after_each_adapter_and_survives_a_failure(toy, tmp_path, capsys, monkeypatch):
+    from tta.adapters.tent import Tent
+
+    written = []
+    import tta.engine.report as report
+
+    real_write = report.write_results
+
+    def spy(results, out, **kw):
+        written.append(list(results))
+        return real_write(results, out, **kw)
+
+    def broken_forward(self, x):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(report, "write_results", spy)
+    monkeypatch.setattr(Tent, "forward_and_adapt", broken_forward)
+    rc = main(["bench", "--adapters", "source,tent,bn", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "[tent] failed: RuntimeError: simulated kernel failure" in captured.out
+    assert "1 of 3 adapters failed: tent (RuntimeError: simulated kernel failure)" in captured.out
+    assert written[:2] == [["source"], ["source", "bn"]]  # written as each adapter finished
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data) == ["source", "bn"]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["failed"] == {"tent": "RuntimeError: simulated kernel failure"}
+    assert "Traceback" in (tmp_path / "run.log").read_text()  # the details are in the log
+
+
+def test_help_and_list_do_not_import_torch_or_timm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from tta.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "main(['list'])\n"
+            "print('heavy:', sorted(m for m in ('torch', 'timm', 'torchvision', 'cv2', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "heavy: []" in r.stdout
+
+
+def test_catalogue_read_without_import_matches_the_registry():
+    """`tta list` reads the adapters' decorators with ast; it must agree with the imported registry."""
+    from tta.adapters import get_adapter_class
+    from tta.plugins import builtin_adapters
+
+    entries = builtin_adapters()
+    assert [e.name for e in entries] == sorted(get_adapter_class(n).name for n in tta.list_adapters()
+                                               if get_adapter_class(n).__module__.startswith("tta.adapters."))
+    for e in entries:
+        doc = (get_adapter_class(e.name).__doc__ or "").strip()
+        assert e.summary == (doc.splitlines()[0] if doc else "")

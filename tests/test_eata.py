@@ -219,8 +219,11 @@ def test_build_fisher_cli_writes_beside_the_card_and_the_cli_default_finds_it(tm
     assert meta["samples"] == "48" and meta["batch_size"] == "16" and meta["card"] == "tiny"
     assert path.stat().st_mode & 0o044  # readable beyond the owner, like the card
     args = argparse.Namespace(model=str(tmp_path / "tiny.yaml"))
-    assert card_defaults("eata", {}, args) == {"fisher": str(tmp_path / "tiny.yaml")}
+    assert card_defaults("eata", {}, args) == {"fisher": str(path)}
     assert card_defaults("eta", {}, args) == {}
-    adapter = tta.adapt(build_model("resnet20", num_classes=10, width=4).eval(), "eata",
-                        **card_defaults("eata", {}, args))
+    path.unlink()
+    with pytest.raises(ConfigError, match="tta build-fisher --model"):
+        card_defaults("eata", {}, args)
+    assert card_defaults("eata", {"fisher_alpha": 0.0}, args) == {"fisher_alpha": 0.0}
+    adapter = tta.adapt(build_model("resnet20", num_classes=10, width=4).eval(), "eata")
     assert sorted(fisher) == sorted(adapter.norm_param_names)

@@ -307,3 +307,34 @@ def test_edge_reads_the_source_memory_files_of_tta_build_memory(tmp_path):
     (tmp_path / "bad.memory.safetensors").write_bytes(b"\x00" * 40)
     with pytest.raises(FileNotFoundError, match="not a readable AdaNPC memory file"):
         load_source_memory(tmp_path / "bad.memory.safetensors")
+
+
+def test_graph_checksum_is_verified_on_load(tmp_path):
+    """A file whose graph changed after export (one weight byte) is refused; the intact one loads."""
+    import onnx
+
+    from tta.edge import EdgeModel, ModelFileError
+    from tta.edge.integrity import graph_sha256
+    from tta.export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx("resnet20-fmnist", path, mode="frozen", verify=False)
+    meta = EdgeModel(path, "cpu").metadata
+    assert meta.graph_sha256 == graph_sha256(path.read_bytes())
+    proto = onnx.load(str(path))
+    init = proto.graph.initializer[0]
+    raw = bytearray(init.raw_data)
+    raw[0] ^= 0x01
+    init.raw_data = bytes(raw)
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    with pytest.raises(ModelFileError, match="checksum mismatch.*modified or damaged after export"):
+        EdgeModel(tampered, "cpu")
+    # a file without the checksum (exported before it existed) loads with a warning
+    del proto.metadata_props[[p.key for p in proto.metadata_props].index("tta.graph_sha256")]
+    init.raw_data = bytes(raw)
+    onnx.save(proto, str(tampered))
+    with pytest.warns(UserWarning, match="no graph checksum"):
+        EdgeModel(tampered, "cpu")
+    with pytest.raises(ModelFileError, match="not a well-formed ONNX model"):
+        graph_sha256(path.read_bytes()[:-7])

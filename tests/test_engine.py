@@ -216,8 +216,8 @@ def test_progress_bar_and_log_lines(capsys):
     result = run_stream(tta.adapt(tiny_cnn(), "bn"), stream, device="cpu", progress=True)
     captured = capsys.readouterr()
     lines = [ln for ln in captured.out.splitlines() if ln.startswith(("error %", "mean error"))]
-    assert lines == [f"error % [{d}]: {result.domain_errors[d]:.2f}" for d in DOMAINS] + [
-        f"mean error %: {result.mean_error:.2f}"
+    assert lines == [f"error % [{d}][#samples={result.domain_images[d]}]: {result.domain_errors[d]:.2f}%"
+                     for d in DOMAINS] + [f"mean error: {result.mean_error:.2f}%"
     ]
     for d in DOMAINS:  # one bar per domain, sized by the stream
         assert f"{d}: 100%" in captured.err

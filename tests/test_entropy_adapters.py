@@ -201,7 +201,8 @@ def test_cli_bench_runs_the_family_with_per_adapter_settings(monkeypatch, tmp_pa
         stream.reset = "never"
         return stream
 
-    spec = SimpleNamespace(name="toy", batch_size=16, n_per_domain=32, seed=1, reset="never", preset="cifar10",
+    spec = SimpleNamespace(name="toy", dataset="toy", num_classes=10, batch_size=16, n_per_domain=32, seed=1,
+                           reset="never", preset="cifar10",
                            build=build_stream)
     monkeypatch.setattr(tta.streams, "load_spec", lambda name: spec)
     monkeypatch.setattr(tta.models, "load", lambda card, device="cpu": tiny_cnn())
@@ -215,5 +216,5 @@ def test_cli_bench_runs_the_family_with_per_adapter_settings(monkeypatch, tmp_pa
     assert configs["sar"]["rho"] == 0.1 and configs["roid"]["use_consistency"] is False
     assert configs["deyo"]["aug_type"] == "pixel" and configs["eata"]["fisher_alpha"] == 0.0
     assert configs["eta"]["margin_e0"] == configs["sar"]["margin_e0"] == configs["deyo"]["margin_e0"] == 0.7
-    assert configs["eata"]["fisher"] == tta.models.DEFAULT_CARD  # the card's Fisher file by default
+    assert configs["eata"]["fisher"].endswith(f"{tta.models.DEFAULT_CARD}.fisher.safetensors")  # the card's file
     assert configs["sar"]["optimizer"] == "sgd" and configs["eta"]["optimizer"] == "adam"  # cifar10 preset

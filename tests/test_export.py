@@ -324,7 +324,7 @@ def _calls(rec, name):
 
 def test_trt_missing_says_how_to_install(exports, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as without the package
-    with pytest.raises(TensorRTNotInstalledError, match=r"pip install tta\[trt\]"):
+    with pytest.raises(TensorRTNotInstalledError, match=r"pip install 'tta-runtime\[trt\]'"):
         build_trt_engine(exports["frozen"], tmp_path / "m.engine")
     from tta.cli import main
 

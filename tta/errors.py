@@ -33,3 +33,7 @@ class StateMismatchError(TTAError, ValueError):
 
 class DataNotFoundError(TTAError, FileNotFoundError):
     """A dataset, stream spec, model card or checkpoint file is missing or malformed."""
+
+
+class MissingDependencyError(TTAError, ImportError):
+    """A feature needs a package of an extra that is not installed (e.g. torch on an edge install)."""

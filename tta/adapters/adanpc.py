@@ -7,7 +7,7 @@ scores are the prediction (probabilities: ``output_kind = "probs"``). Features w
 (max score) is >= beta are appended with their pseudo-label. Defaults k=100, tau=0.1, beta=0.1.
 
 Memory: initialised with source features and their true labels (`build_source_memory`, the
-``tta build-memory --model CARD`` command writes ``models/<card>.memory.safetensors``); the source
+``tta build-memory --model CARD`` command writes ``<card>.memory.safetensors``); the source
 part is pinned, `reset()` truncates back to it. Beyond the reference (which grows without bound):
 ``capacity`` bounds the total rows, evicting test entries first-in-first-out or, with
 ``class_balanced``, the oldest entries of the class holding most test entries; ``storage_dtype``
@@ -49,8 +49,9 @@ MEMORY_SUFFIX = ".memory.safetensors"
 class AdaNPCConfig(AdapterConfig):
     """k, temperature (tau), beta: the paper's defaults 100, 0.1, 0.1.
 
-    memory: path of a memory file (``tta build-memory``) or a model card name whose
-        ``models/<card>.memory.safetensors`` is used; None: call `set_source_memory` before use.
+    memory: path of a memory file (``tta build-memory``) or a model card (name or YAML path) whose
+        ``<card>.memory.safetensors`` is used (`ModelCard.artifact_path`); None: call
+        `set_source_memory` before use.
     capacity: total rows (source + test) kept; None grows without bound (the reference).
     class_balanced: evict from the class with most test entries (oldest first) instead of FIFO.
     storage_dtype: "float32" or "float16" rows.
@@ -279,12 +280,12 @@ def validate_memory(features: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 # ---------------------------------------------------------------------- memory files
 def memory_path_for_card(card: str) -> Path:
-    """``models/<card>.memory.safetensors`` beside the card (via `tta.models.get_card`)."""
+    """The memory file ``<card>.memory.safetensors`` of a card (name or YAML path), found by
+    `ModelCard.artifact_path`; where it would be written when there is none yet."""
     from tta.models import get_card
 
     mc = get_card(card)
-    folder = mc.path.parent if mc.path is not None else Path(".")
-    return folder / f"{mc.name}{MEMORY_SUFFIX}"
+    return mc.artifact_path(MEMORY_SUFFIX) or mc.artifact_output_path(MEMORY_SUFFIX)
 
 
 def save_memory(path: str | os.PathLike[str], features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -358,8 +359,8 @@ class AdaNPC(Adapter):
         super().__init__(model, cfg)
         if cfg.memory is not None:
             path = Path(cfg.memory)
-            if not path.is_file() and not path.name.endswith(".safetensors"):  # a model card name
-                path = memory_path_for_card(cfg.memory)
+            if path.suffix in (".yaml", ".yml") or (not path.is_file() and not path.name.endswith(".safetensors")):
+                path = memory_path_for_card(cfg.memory)  # a model card, by name or path
             features, labels, num_classes, _ = load_memory(path)
             self.set_source_memory(features, labels, num_classes)
 

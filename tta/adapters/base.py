@@ -34,6 +34,7 @@ from tta.errors import (
     NonFiniteInputError,
     StateMismatchError,
 )
+from tta.fileio import default_file_mode
 from tta.layers import calibrated_layers, source_statistics
 
 
@@ -287,6 +288,7 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; a saved state gets open()'s mode
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)

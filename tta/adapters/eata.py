@@ -286,15 +286,15 @@ def save_fisher(path: str | os.PathLike[str], fisher: Mapping[str, torch.Tensor]
     """Write a Fisher file (safetensors, one tensor per parameter name) atomically."""
     from safetensors.torch import save_file
 
+    from tta.fileio import default_file_mode
+
     validate_fisher(fisher)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp),
               metadata={"format": FISHER_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a card artefact is as readable as the card
+    os.chmod(tmp, default_file_mode())  # safetensors writes 0600; a card artefact is as readable as the card
     os.replace(tmp, path)
     return path
 

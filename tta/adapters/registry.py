@@ -34,16 +34,30 @@ def register_adapter(name: str) -> Callable[[A], A]:
 
 
 def list_adapters() -> list[str]:
-    """Names of every registered adapter."""
+    """Names of every registered adapter, the plugins' (`tta.plugins`) included; a broken plugin is
+    left out with a warning (asking for it by name raises its error)."""
+    import warnings
+
+    from tta.plugins import load_adapter_plugins
+
+    for error in load_adapter_plugins().values():
+        warnings.warn(str(error), stacklevel=2)
     return sorted(_REGISTRY)
 
 
 def get_adapter_class(name: str) -> type["Adapter"]:
+    """The adapter class registered as `name`; unknown names load the plugin entry points first."""
     key = _normalise(name) if isinstance(name, str) else name
+    if key not in _REGISTRY and isinstance(key, str):
+        from tta.plugins import load_adapter_plugins
+
+        broken = load_adapter_plugins()
+        if key in broken:
+            raise broken[key]
     try:
         return _REGISTRY[key]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown adapter {name!r}; valid adapters: {', '.join(list_adapters())}") from None
+        raise ConfigError(f"unknown adapter {name!r}; valid adapters: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def adapter_config(name: str, preset: str | None = None, **overrides: Any):

@@ -135,15 +135,14 @@ def resolve_card_fields(config_cls: type, overrides: dict[str, Any], card: Any) 
 def card_defaults(config_cls: type, overrides: dict[str, Any], card_name: str) -> dict[str, Any]:
     """CLI rule for teacher-student adapters: resolve ``key=card`` markers from the model card, and
     give ViDA (a config with ``adapter_weights``) the card's warmed-up adapters
-    (``<card folder>/<card>.vida.safetensors``) when that file exists and none was set."""
+    (``<card>.vida.safetensors``, `ModelCard.artifact_path`) when that file exists and none was set."""
     from tta.models import get_card
 
     overrides = resolve_card_fields(config_cls, overrides, lambda: get_card(card_name))
     if "adapter_weights" in getattr(config_cls, "__dataclass_fields__", {}) and overrides.get("adapter_weights") is None:
-        card = get_card(card_name)
-        folder = card.path.parent if card.path is not None else None
-        if folder is not None and (folder / f"{card.name}.vida.safetensors").is_file():
-            overrides = {**overrides, "adapter_weights": str(folder / f"{card.name}.vida.safetensors")}
+        weights = get_card(card_name).artifact_path(".vida.safetensors")
+        if weights is not None:
+            overrides = {**overrides, "adapter_weights": str(weights)}
     return overrides
 
 

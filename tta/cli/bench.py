@@ -1,4 +1,9 @@
-"""`tta bench`: every adapter on the same stream (fresh model each); table, results.json/csv and a plot."""
+"""`tta bench`: every adapter on the same stream (fresh model each); table, results.json/csv and a plot.
+
+The results folder is rewritten as each adapter finishes (an interrupted benchmark keeps what it
+measured); an adapter that fails is reported (traceback in run.log), the others still run, and the
+command exits 1.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from tta.cli.run import (
     add_common_arguments,
     build_stream,
     card_defaults,
+    check_classes,
     load_model,
+    load_plugins,
     load_spec,
     meta,
     model_name,
@@ -17,6 +24,7 @@ from tta.cli.run import (
     resolve_preset,
     run_seed,
 )
+from tta.cli.checks import check_out_dir, make_out_dir
 from tta.errors import ConfigError, TTAError
 
 
@@ -59,43 +67,66 @@ def split_assignments(assignments: list[str], adapters: list[str]) -> dict[str, 
 
 
 def bench(args: argparse.Namespace) -> int:
+    """Every adapter in turn; results are rewritten after each one, a failing adapter is reported and skipped."""
     from tta.adapters import adapt
-    from tta.engine import run_stream, seed_everything
+    from tta.cli.runlog import run_logging
+    from tta.engine import resolve_device, run_stream, seed_everything
     from tta.engine.report import format_table, write_results
+    from tta.models import get_card
 
+    load_plugins(args)
     names = select_adapters(args.adapters)
     overrides = split_assignments(args.assignments, names)
     reset = parse_reset(args.reset)
     spec = load_spec(args)
     seed = run_seed(args, spec)
     preset = resolve_preset(args, spec)
+    check_classes(get_card(model_name(args)), spec)
     stream = build_stream(spec, args, seed)
+    resolve_device(args.device)  # an unknown or absent device fails before anything is written
+    out = check_out_dir(args.out)
     explicit = args.adapters.strip().lower() != "all"
-    print(f"tta bench: {', '.join(names)} on {model_name(args)}, stream {getattr(spec, 'name', args.stream)} "
-          f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, seed {seed}")
+    title = f"{getattr(spec, 'name', '')} / {model_name(args)}"
 
-    results, configs = {}, {}
-    for name in names:
-        seed_everything(seed)  # the same global RNG state for every adapter
-        try:
-            adapter = adapt(load_model(args), name, preset=preset, **card_defaults(name, overrides[name], args))
-        except TTAError as exc:
-            if explicit:
-                raise
-            print(f"[{name}] skipped: {exc}")
-            continue
-        configs[name] = adapter.config
-        print(f"[{name}]")
-        results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
-                                   progress=args.progress, seed=seed,
-                                   log=None if args.progress else print)
-    if not results:
-        raise ConfigError("no adapter could be built on this model")
-    print()
-    print(format_table(results))
-    written = write_results(results, args.out, title=f"{getattr(spec, 'name', '')} / {model_name(args)}",
-                            meta=meta(args, spec, seed, preset, configs))
-    print("wrote " + ", ".join(str(p) for p in written.values()))
+    results, configs, failed = {}, {}, {}
+    with run_logging(make_out_dir(out)) as logger:
+        logger.info(f"tta bench: {', '.join(names)} on {model_name(args)}, stream {getattr(spec, 'name', args.stream)} "
+                    f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, "
+                    f"seed {seed}")
+        for name in names:
+            seed_everything(seed)  # the same global RNG state for every adapter
+            try:
+                adapter = adapt(load_model(args), name, preset=preset, **card_defaults(name, overrides[name], args))
+            except TTAError as exc:
+                if explicit:
+                    raise
+                logger.info(f"[{name}] skipped: {exc}")
+                continue
+            configs[name] = adapter.config
+            logger.info(f"[{name}]")
+            try:
+                results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
+                                           progress=args.progress, seed=seed, log=logger.info)
+            except Exception as exc:  # noqa: BLE001 - one adapter's failure must not cost the others' results
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                logger.error(f"[{name}] failed: {failed[name]}", exc_info=out is not None and not isinstance(exc, TTAError))
+                continue
+            if out is not None:  # written as soon as each adapter finishes
+                write_results(results, out, title=title, meta={**meta(args, spec, seed, preset, configs),
+                                                               "failed": failed})
+        if not results and not failed:
+            raise ConfigError("no adapter could be built on this model")
+        if results:
+            logger.info("")
+            logger.info(format_table(results))
+        if out is not None:
+            written = write_results(results, out, title=title, meta={**meta(args, spec, seed, preset, configs),
+                                                                     "failed": failed})
+            logger.info("wrote " + ", ".join(str(p) for p in written.values()))
+        if failed:
+            logger.error(f"{len(failed)} of {len(failed) + len(results)} adapters failed: "
+                         + "; ".join(f"{k} ({v})" for k, v in failed.items()))
+            return 1
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tta.cli.checks import check_out_file
+
 
 def _batch(value: str) -> str | int:
     if value == "dynamic":
@@ -41,7 +43,10 @@ def _real_inputs(card_name: str, n: int, data_dir: str | None):  # noqa: ANN202 
 def run_onnx(args: argparse.Namespace) -> int:
     from tta.errors import DataNotFoundError
     from tta.export import export_onnx
+    from tta.models import get_card
 
+    get_card(args.model)  # an unknown card is one error line, before the real-input check
+    check_out_file(args.out)
     try:
         real = _real_inputs(args.model, args.real_images, args.data_dir)
     except DataNotFoundError as exc:
@@ -56,6 +61,7 @@ def run_onnx(args: argparse.Namespace) -> int:
 def run_trt(args: argparse.Namespace) -> int:
     from tta.export import build_trt_engine
 
+    check_out_file(args.out)
     report = build_trt_engine(args.onnx, args.out, fp16=args.fp16, min_batch=args.min_batch,
                               opt_batch=args.opt_batch, max_batch=args.max_batch,
                               workspace_bytes=int(args.workspace_mib) << 20)
@@ -105,7 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx_parser = inner.add_parser("onnx", help="ONNX export (frozen, alpha-bn or features), verified with onnxruntime")
     add_onnx_arguments(onnx_parser)
     onnx_parser.set_defaults(func=_with_default_model(run_onnx))
-    trt_parser = inner.add_parser("trt", help="TensorRT engine from an exported ONNX file (needs `pip install tta[trt]`)")
+    trt_parser = inner.add_parser("trt", help="TensorRT engine from an exported ONNX file (needs `pip install 'tta-runtime[trt]'`)")
     add_trt_arguments(trt_parser)
     trt_parser.set_defaults(func=run_trt)
 

@@ -1,6 +1,6 @@
 """`tta make-c`: write a corrupted ("-C") copy of a dataset in the CIFAR-10-C layout.
 
-    tta make-c --dataset fashion-mnist --out data/fashion-mnist-c [--severities 1-5]
+    tta make-c --dataset fashion-mnist [--out DIR] [--severities 1-5]
                [--corruptions gaussian_noise,fog] [--limit N] [--seed S]
     tta make-c --dataset image-folder --source DIR --out DIR   # <class>/*.jpg, images <= 64 px, one size
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from tta.cli.checks import check_out_dir
 from tta.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "image-folder")
@@ -43,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(resumable, atomic writes).",
     )
     p.add_argument("--dataset", required=True, choices=DATASETS, help="source dataset")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (fashion-mnist default: <data root>/fashion-mnist-c, where the "
+                        "fmnist-c-* specs look: $TTA_DATA_DIR, else the per-user data folder)")
     p.add_argument("--source", default=None, help="Fashion-MNIST idx folder / image folder (default: the installed set)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="Fashion-MNIST split (default test)")
     p.add_argument("--severities", default="1-5", help="severities to generate, e.g. 1-5, 5, 1,3,5 (default 1-5)")
@@ -76,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
     from tta.streams.corruptions import CORRUPTIONS, STANDARD_ORDER
     from tta.streams.generate import make_c
 
+    if args.out is None:
+        if args.dataset != "fashion-mnist":
+            raise ConfigError("--dataset image-folder needs --out DIR")
+        from tta.paths import data_root
+
+        args.out = str(data_root() / "fashion-mnist-c")
+    check_out_dir(args.out)
     severities = parse_severities(args.severities)
     corruptions = STANDARD_ORDER if args.corruptions is None else tuple(c.strip() for c in args.corruptions.split(",") if c.strip())
     unknown = [c for c in corruptions if c not in CORRUPTIONS]

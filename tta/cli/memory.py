@@ -1,7 +1,11 @@
-"""`tta build-memory`: AdaNPC's source memory (normalised features + true labels) beside a card.
+"""`tta build-memory`: AdaNPC's source memory (normalised features + true labels) for a model card.
 
-    tta build-memory --model resnet20-fmnist            # -> models/resnet20-fmnist.memory.safetensors
+    tta build-memory --model resnet20-fmnist            # -> <per-user models folder>/resnet20-fmnist.memory.safetensors
+    tta build-memory --model my-cards/r20.yaml          # -> my-cards/r20.memory.safetensors (beside a user's card)
     tta build-memory --model CARD --dtype float16 --limit 20000 --out PATH
+
+The default output is `ModelCard.artifact_output_path(".memory.safetensors")`; `tta run --adapter
+adanpc` finds it again with `ModelCard.artifact_path`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+from tta.cli.checks import check_out_file, check_positive
 from tta.errors import DataNotFoundError
 
 
@@ -18,10 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "build-memory",
         help="build AdaNPC's source feature memory for a model card",
         description="Extract L2-normalised pooled features of the card's source training split with their "
-        "true labels and write them as <card>.memory.safetensors beside the card.",
+        "true labels and write them as <card>.memory.safetensors (beside a user's card, else in the per-user "
+        "models folder).",
     )
     p.add_argument("--model", required=True, help="model card name or path")
-    p.add_argument("--out", default=None, help="output file (default: beside the card)")
+    p.add_argument("--out", default=None, help="output file (default: see above)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="row storage dtype")
     p.add_argument("--batch-size", type=int, default=500)
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from tta.models import get_card, load
 
     card = get_card(args.model)
+    check_positive(limit=args.limit, batch_size=args.batch_size)
+    out = check_out_file(Path(args.out) if args.out else card.artifact_output_path(MEMORY_SUFFIX))
     images, labels = _source_split(card.dataset, args.data_dir)
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
@@ -60,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float16 if args.dtype == "float16" else torch.float32
     feats, labels = build_source_memory(model, images, labels, batch_size=args.batch_size, dtype=dtype,
                                         device=args.device)
-    out = Path(args.out) if args.out else (card.path.parent if card.path else Path(".")) / f"{card.name}{MEMORY_SUFFIX}"
     save_memory(out, feats, labels, card.num_classes, {
         "card": card.name, "dataset": str(card.dataset), "split": "train", "rows": str(len(labels)),
         "checkpoint_sha256": str(card.sha256), "dtype": args.dtype,

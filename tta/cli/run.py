@@ -1,4 +1,14 @@
-"""`tta run`: one adapter over a stream: progress bar per domain, one error line per domain, the mean."""
+"""`tta run`: one adapter over a stream (progress bar per domain, one error line per domain, the mean),
+or over the frames of a video file or camera (`--video FILE` / `--camera N`, through the frame batcher).
+
+    tta run --adapter tent [--model CARD] [--stream SPEC] [--limit N] [--out DIR]
+    tta run --adapter bn --video clip.mp4 [--max-frames N] [--no-resize] --out runs/clip
+
+Everything a user names is checked before the run starts (plugins, config keys, the stream and its
+data, the card, the video source, that --out can be written), so a mistake costs no run and writes
+nothing. With --out the folder gets results.json/csv/png (per-frame predictions.csv for video),
+meta.json (command, versions, git commit, configs) and run.log (every logged line).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +17,16 @@ import dataclasses
 import platform
 import shlex
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from tta.cli.checks import check_out_dir, make_out_dir
 from tta.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_SEED = 2**32 - 1
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +48,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="data root holding the spec's data folder")
     parser.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.csv, results.png here")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (it registers adapters with tta.register_adapter); repeatable")
+
+
+def load_plugins(args: argparse.Namespace) -> None:
+    """Import every --plugin module (a failure is one PluginError line)."""
+    from tta.plugins import import_plugin
+
+    for module in getattr(args, "plugins", []) or []:
+        import_plugin(module)
 
 
 def parse_reset(value: str | None) -> str | int | None:
@@ -56,12 +81,23 @@ def load_spec(args: argparse.Namespace) -> Any:
     return spec
 
 
-def build_stream(spec: Any, args: argparse.Namespace, seed: int | None) -> Any:
+def check_sizes(args: argparse.Namespace) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+
+
+def build_stream(spec: Any, args: argparse.Namespace, seed: int | None) -> Any:
+    check_sizes(args)
     return spec.build(batch_size=args.batch_size, n_per_domain=args.limit, seed=seed, data_dir=args.data_dir)
+
+
+def check_classes(card: Any, spec: Any) -> None:
+    """The card's classifier must cover the spec's dataset (labels in [0, num_classes))."""
+    if card.num_classes != spec.num_classes:
+        raise ConfigError(f"model card {card.name} has {card.num_classes} classes but stream {spec.name} "
+                          f"({spec.dataset}) has {spec.num_classes}; pick a card trained on {spec.dataset}")
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -79,17 +115,40 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def card_defaults(adapter: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Config values that follow from the model card unless set explicitly: an adapter with a
-    ``memory`` field (AdaNPC) uses the card's memory file (``models/<card>.memory.safetensors``),
-    one with a ``fisher`` field (EATA) the card's Fisher file (``<card>.fisher.safetensors``)."""
+    ``memory`` field (AdaNPC) uses the card's memory file (``<card>.memory.safetensors``, found by
+    `ModelCard.artifact_path` whether the card was named or given as a path), one with a ``fisher``
+    field (EATA) the card's Fisher file (``<card>.fisher.safetensors``, the same way)."""
     from tta.adapters import get_adapter_class
+    from tta.adapters.adanpc import MEMORY_SUFFIX
     from tta.adapters.teacher import card_defaults as teacher_card_defaults
+    from tta.models import get_card
 
     # ``key=card`` (e.g. CoTTA's ap=card -> the card's cotta_threshold) and ViDA's warmed-up
-    # adapters beside the card (models/<card>.vida.safetensors) when they exist.
+    # adapters (<card>.vida.safetensors) when they exist.
     overrides = teacher_card_defaults(get_adapter_class(adapter).Config, overrides, model_name(args))
-    for key in ("memory", "fisher"):  # card artefacts: the config takes the card name
-        if key in get_adapter_class(adapter).Config.field_names() and overrides.get(key) is None:
-            overrides = {**overrides, key: model_name(args)}
+    if "memory" in get_adapter_class(adapter).Config.field_names() and overrides.get("memory") is None:
+        card = get_card(model_name(args))
+        memory = card.artifact_path(MEMORY_SUFFIX)
+        if memory is None:
+            raise ConfigError(
+                f"{adapter} needs the source memory of card {card.name} ({card.name}{MEMORY_SUFFIX}, looked for at "
+                f"{card.artifact_output_path(MEMORY_SUFFIX)}): build it with `tta build-memory --model {model_name(args)}` "
+                "or pass --set memory=PATH"
+            )
+        return {**overrides, "memory": str(memory)}
+    if "fisher" in get_adapter_class(adapter).Config.field_names() and overrides.get("fisher") is None:
+        from tta.adapters.eata import FISHER_SUFFIX
+
+        card = get_card(model_name(args))
+        fisher = card.artifact_path(FISHER_SUFFIX)
+        if fisher is not None:
+            return {**overrides, "fisher": str(fisher)}
+        if overrides.get("fisher_alpha", 1.0) > 0:
+            raise ConfigError(
+                f"{adapter} needs the Fisher information of card {card.name} ({card.name}{FISHER_SUFFIX}, looked for "
+                f"at {card.artifact_output_path(FISHER_SUFFIX)}): build it with `tta build-fisher --model "
+                f"{model_name(args)}`, pass --set fisher=PATH, or use eta (--set fisher_alpha=0)"
+            )
     return overrides
 
 
@@ -98,16 +157,25 @@ def resolve_preset(args: argparse.Namespace, spec: Any) -> str | None:
 
 
 def run_seed(args: argparse.Namespace, spec: Any) -> int:
-    return int(args.seed if args.seed is not None else getattr(spec, "seed", 0) or 0)
+    seed = int(args.seed if args.seed is not None else getattr(spec, "seed", 0) or 0)
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {seed}")
+    return seed
 
 
 def meta(args: argparse.Namespace, spec: Any, seed: int, preset: str | None,
          configs: dict[str, Any]) -> dict[str, Any]:
-    """What a results folder needs to be reproduced: command, model, stream, seed, adapter configs."""
+    """What a results folder needs to be reproduced: command, package version and git commit, model,
+    stream, seed, adapter configs."""
+    import torch
+
+    from tta.provenance import provenance
+
     return {
         "command": "tta " + " ".join(shlex.quote(a) for a in (args.argv or [])),
+        **provenance(),
         "model": model_name(args),
-        "stream": getattr(spec, "name", str(args.stream)),
+        "stream": getattr(spec, "name", str(getattr(args, "stream", None))),
         "preset": preset,
         "seed": seed,
         "batch_size": args.batch_size or getattr(spec, "batch_size", None),
@@ -120,37 +188,79 @@ def meta(args: argparse.Namespace, spec: Any, seed: int, preset: str | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from tta.adapters import adapt, get_adapter_class
-    from tta.engine import run_stream, seed_everything
-    from tta.engine.report import format_table, write_results
+    import logging
 
+    from tta.adapters import adapt, get_adapter_class
+    from tta.cli.runlog import run_logging
+    from tta.engine import resolve_device, seed_everything
+    from tta.models import get_card
+
+    load_plugins(args)
     overrides = get_adapter_class(args.adapter).Config.parse_assignments(args.assignments)
     reset = parse_reset(args.reset)
-    spec = load_spec(args)
-    seed = run_seed(args, spec)
-    preset = resolve_preset(args, spec)
-    stream = build_stream(spec, args, seed)
+    video = args.video is not None or args.camera is not None
+    if video:
+        from tta.cli.video import check_video_arguments, open_frames
+
+        check_video_arguments(args)
+        spec, seed, preset = None, run_seed(args, None), args.preset
+    else:
+        spec = load_spec(args)
+        seed = run_seed(args, spec)
+        preset = resolve_preset(args, spec)
+    card = get_card(model_name(args))
+    if video:
+        frames = open_frames(args, card)
+        stream = None
+    else:
+        check_classes(card, spec)
+        stream = build_stream(spec, args, seed)
+    resolve_device(args.device)  # an unknown or absent device fails before anything is written
+    out = check_out_dir(args.out)
 
     seed_everything(seed)
     adapter = adapt(load_model(args), args.adapter, preset=preset, **card_defaults(args.adapter, overrides, args))
-    print(f"tta run: {adapter.name} on {model_name(args)}, stream {getattr(spec, 'name', args.stream)} "
-          f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, seed {seed}")
+    with run_logging(make_out_dir(out)) as logger:
+        if video:
+            from tta.cli.video import run_frames
+
+            return run_frames(args, adapter, card, frames, out, meta(args, None, seed, preset,
+                                                                     {adapter.name: adapter.config}), logger)
+        return _run_stream(args, adapter, spec, stream, seed, preset, reset, out, logger)
+
+
+def _run_stream(args: argparse.Namespace, adapter: Any, spec: Any, stream: Any, seed: int, preset: str | None,
+                reset: Any, out: Path | None, logger: Any) -> int:
+    from tta.engine import run_stream
+    from tta.engine.report import format_table, write_results
+
+    logger.info(f"tta run: {adapter.name} on {model_name(args)}, stream {getattr(spec, 'name', args.stream)} "
+                f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, "
+                f"seed {seed}")
     result = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
-                        progress=args.progress, seed=seed,
-                        log=None if args.progress else print)  # tqdm.write keeps the bars intact
-    print(f"{result.images} images, {result.images_per_s:.1f} images/s, latency p50 {result.latency_ms_p50:.1f} ms "
-          f"p95 {result.latency_ms_p95:.1f} ms, {result.steps} adaptation steps on {result.device}")
-    if args.out:
+                        progress=args.progress, seed=seed, log=logger.info)
+    logger.info(f"{result.images} images, {result.images_per_s:.1f} images/s, latency p50 {result.latency_ms_p50:.1f} ms "
+                f"p95 {result.latency_ms_p95:.1f} ms, {result.steps} adaptation steps on {result.device}")
+    if out is not None:
         results = {adapter.name: result}
-        written = write_results(results, args.out, title=f"{getattr(spec, 'name', '')} / {model_name(args)}",
+        written = write_results(results, out, title=f"{getattr(spec, 'name', '')} / {model_name(args)}",
                                 meta=meta(args, spec, seed, preset, {adapter.name: adapter.config}))
-        print(format_table(results))
-        print("wrote " + ", ".join(str(p) for p in written.values()))
+        logger.info(format_table(results))
+        logger.info("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("run", help="run one adapter over a stream", description=__doc__)
+    parser = subparsers.add_parser("run", help="run one adapter over a stream, a video file or a camera",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="adapter name (see `tta list`)")
     add_common_arguments(parser)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--video", default=None, metavar="FILE", help="frames of a video file instead of a stream")
+    source.add_argument("--camera", type=int, default=None, metavar="N", help="frames of camera N instead of a stream")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="video/camera: stop after N frames")
+    parser.add_argument("--no-resize", dest="resize", action="store_false",
+                        help="video/camera: frames must already have the card's input size (else an error)")
+    parser.add_argument("--max-wait-ms", type=float, default=50.0,
+                        help="video/camera: flush a partial micro-batch after this wait (default 50)")
     parser.set_defaults(func=run)

@@ -7,13 +7,12 @@ import json
 import shlex
 import sys
 
-import torch
-
-from tta.models.training import DATASETS, TrainConfig, train_source
+from tta.cli.checks import check_out_file
+from tta.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    parser.add_argument("--dataset", default="fashion-mnist", help="training set (fashion-mnist)")
     parser.add_argument("--arch", default="resnet20",
                         help="built-in (resnet20, wrn28_10, vit_patch4_32), timm:<name> or torchvision:<name>")
     parser.add_argument("--epochs", type=int, default=10)
@@ -52,6 +51,13 @@ def canonical_command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tta.models.training import DATASETS, TrainConfig, train_source
+
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"--dataset: unknown {args.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    check_out_file(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(

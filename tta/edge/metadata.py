@@ -34,7 +34,11 @@ class ExportMetadata:
     output_dim: last dimension of the output (num_classes, or the feature width).
     source_weight: alpha-BN weight of the source statistics (None when BN is folded).
     card / card_sha256: model card name and its checkpoint hash ("" for a model not from a card).
-    weights_sha256: hash of the exported weights (names, shapes and values of the state dict).
+    weights_sha256: hash of the source weights (names, shapes and values of the PyTorch state dict,
+        BatchNorm statistics included): identifies the model, e.g. to match an AdaNPC memory to it.
+        It cannot be recomputed from the graph (BatchNorm is folded), so the edge checks files with:
+    graph_sha256: hash of the serialized graph (operators and weights as stored in the file),
+        verified by `EdgeModel` on load (`tta.edge.integrity`); "" in files exported before it existed.
     """
 
     mode: str
@@ -49,6 +53,7 @@ class ExportMetadata:
     card: str = ""
     card_sha256: str = ""
     weights_sha256: str = ""
+    graph_sha256: str = ""
     adapters: tuple[str, ...] = ()
     exporter: str = ""
     input_range: str = "[0, 1]"
@@ -98,6 +103,7 @@ class ExportMetadata:
                 "card": ours.get("card", ""),
                 "card_sha256": ours.get("card_sha256", ""),
                 "weights_sha256": ours.get("weights_sha256", ""),
+                "graph_sha256": ours.get("graph_sha256", ""),
                 "adapters": tuple(json.loads(ours.get("adapters", "[]"))),
                 "exporter": ours.get("exporter", ""),
                 "input_range": ours.get("input_range", "[0, 1]"),

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tta.edge.errors import InvalidInputError, MetadataError, ModelFileError
+from tta.edge.integrity import graph_sha256
 from tta.edge.metadata import ExportMetadata
 from tta.edge.providers import (
     PROVIDERS, ProviderFallbackWarning, check_onnxruntime_install, select_providers, with_options,
@@ -49,9 +50,10 @@ class EdgeModel:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         chosen = select_providers(providers, strict=strict_providers)
+        data = self.path.read_bytes()
         try:
             cache = os.fspath(trt_cache_dir) if trt_cache_dir is not None else str(self.path.parent / ".trt_cache")
-            self.session = ort.InferenceSession(str(self.path), sess_options=options,
+            self.session = ort.InferenceSession(data, sess_options=options,
                                                 providers=with_options(chosen, fp16, cache))
         except Exception as exc:  # InvalidProtobuf / Fail: truncated or not an ONNX file, bad graph
             raise ModelFileError(
@@ -67,6 +69,7 @@ class EdgeModel:
         self.providers = active
         props = dict(self.session.get_modelmeta().custom_metadata_map)
         self.metadata = ExportMetadata.from_props(props, source=str(self.path))
+        self._verify_checksum(data)
         self._check_graph_matches_metadata()
         if mode is not None and self.metadata.mode != mode:
             raise MetadataError(
@@ -75,6 +78,23 @@ class EdgeModel:
             )
 
     # ------------------------------------------------------------------ checks
+    def _verify_checksum(self, data: bytes) -> None:
+        """The graph must hash to the export's ``graph_sha256`` (a file changed after export is refused)."""
+        expected = self.metadata.graph_sha256
+        if not expected:
+            warnings.warn(f"{self.path.name} carries no graph checksum (exported before tta.graph_sha256 existed); "
+                          "it was loaded unverified - re-export it to get the integrity check", stacklevel=3)
+            return
+        try:
+            actual = graph_sha256(data)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{self.path}: {exc}") from exc
+        if actual != expected:
+            raise ModelFileError(
+                f"checksum mismatch for {self.path}: its graph hashes to {actual[:16]}..., the export recorded "
+                f"{expected[:16]}...; the file was modified or damaged after export - re-export it with `tta export onnx`"
+            )
+
     def _check_graph_matches_metadata(self) -> None:
         meta, src = self.metadata, str(self.path)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

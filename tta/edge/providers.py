@@ -26,8 +26,8 @@ PROVIDERS = {
 }
 AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 _HOW_TO_GET = {
-    "tensorrt": "install onnxruntime-gpu (see `pip install tta[gpu]` in the README) and the TensorRT libraries "
-                "(`pip install tta[trt]`) on a machine with an NVIDIA GPU",
+    "tensorrt": "install onnxruntime-gpu (README, 'Edge on GPU') and the TensorRT libraries "
+                "(`pip install 'tta-runtime[trt]'`) on a machine with an NVIDIA GPU",
     "cuda": "replace onnxruntime by onnxruntime-gpu: `pip uninstall -y onnxruntime && pip install onnxruntime-gpu` "
             "(on a machine with an NVIDIA GPU and CUDA libraries)",
     "cpu": "reinstall onnxruntime",

@@ -42,11 +42,17 @@ class FrameBatcher:
     device: where the adapter runs (``"auto"``: CUDA when available).
     return_scores: futures resolve to the frame's output row (logits or probabilities) instead of
         its predicted class index.
+    input_size: (C, H, W) the model takes (a model card's ``input_size``); a frame of another shape
+        is rejected. None accepts any size (frames of different sizes are then never batched together).
+    channel_order: colour order of numpy frames: ``"rgb"`` (default; what `tta.streams.VideoFrames`
+        yields) or ``"bgr"`` (OpenCV's ``cv2.VideoCapture.read()``), converted to RGB here. Tensor
+        frames are always RGB.
 
     Frames are (C, H, W) float tensors in the model's input range, or (H, W, C) uint8 numpy arrays
-    (scaled to [0, 1]). A malformed frame (wrong rank/channels, NaN/Inf) fails its own future at
-    `submit` and never reaches the adapter; an adapter error fails the futures of its micro-batch.
-    Frames of different sizes are never batched together.
+    (scaled to [0, 1]). Resize frames to the model's input size before submitting them (VideoFrames
+    does: ``VideoFrames(src, size=card.input_size[1:], channels=card.in_chans)``). A malformed frame
+    (wrong rank, channels or size, NaN/Inf) fails its own future at `submit` and never reaches the
+    adapter; an adapter error fails the futures of its micro-batch.
 
         with FrameBatcher(adapter, batch_size=16, max_wait_ms=20) as fb:
             for label in fb.map(frames):
@@ -62,7 +68,13 @@ class FrameBatcher:
         device: str | torch.device = "auto",
         amp: bool | str = False,
         return_scores: bool = False,
+        input_size: tuple[int, int, int] | None = None,
+        channel_order: str = "rgb",
     ) -> None:
+        if channel_order not in ("rgb", "bgr"):
+            raise InvalidInputError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        if input_size is not None and (len(input_size) != 3 or any(int(v) < 1 for v in input_size)):
+            raise InvalidInputError(f"input_size must be (C, H, W) of positive sizes, got {input_size!r}")
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
         if max_wait_ms < 0:
@@ -73,7 +85,9 @@ class FrameBatcher:
         self.device = resolve_device(device)
         self._amp = resolve_amp(amp, self.device)
         self.return_scores = return_scores
-        self.in_channels = getattr(adapter, "in_channels", None)
+        self.input_size = None if input_size is None else tuple(int(v) for v in input_size)
+        self.channel_order = channel_order
+        self.in_channels = self.input_size[0] if self.input_size is not None else getattr(adapter, "in_channels", None)
         self.adapter.to(self.device)
         self.batch_sizes: list[int] = []  # size of every micro-batch run (for monitoring and tests)
         self._pending: deque[_Pending] = deque()
@@ -183,6 +197,8 @@ class FrameBatcher:
                 raise InvalidInputError(
                     f"a numpy frame must be an (H, W, C) uint8 image, got shape {frame.shape} dtype {frame.dtype}"
                 )
+            if self.channel_order == "bgr" and frame.shape[2] == 3:
+                frame = frame[:, :, ::-1]
             tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float().div_(255.0)
         elif isinstance(frame, torch.Tensor):
             if frame.dim() != 3:
@@ -198,6 +214,11 @@ class FrameBatcher:
             raise InvalidInputError(
                 f"the model takes {self.in_channels} channel(s); got a frame with {tensor.shape[0]} "
                 f"(shape {tuple(tensor.shape)} as C, H, W)"
+            )
+        if self.input_size is not None and tuple(tensor.shape) != self.input_size:
+            raise InvalidInputError(
+                f"frame of shape {tuple(tensor.shape)} (C, H, W) does not fit the model, which takes {self.input_size}; "
+                f"resize frames to {self.input_size[1]}x{self.input_size[2]} first (VideoFrames(size=...) does)"
             )
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteInputError("frame contains NaN/Inf values; it was not batched or adapted on")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tta.engine.metrics import RunResult
+from tta.fileio import write_text_atomic
 
 
 def domain_order(results: Mapping[str, RunResult]) -> list[str]:
@@ -62,27 +64,24 @@ def format_table(results: Mapping[str, RunResult]) -> str:
 
 
 def write_json(results: Mapping[str, RunResult], path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(results_dict(results), indent=2) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(results_dict(results), indent=2) + "\n")
 
 
 def write_csv(results: Mapping[str, RunResult], path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
     domains = domain_order(results)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["adapter", *domains, "mean", "images_per_s", "latency_ms_p50", "latency_ms_p95"])
-        for name, r in results.items():
-            writer.writerow([
-                name,
-                *(f"{r.domain_errors[d]:.4f}" if d in r.domain_errors else "" for d in domains),
-                "" if r.mean_error is None else f"{r.mean_error:.4f}",
-                f"{r.images_per_s:.2f}",
-                f"{r.latency_ms_p50:.3f}",
-                f"{r.latency_ms_p95:.3f}",
-            ])
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["adapter", *domains, "mean", "images_per_s", "latency_ms_p50", "latency_ms_p95"])
+    for name, r in results.items():
+        writer.writerow([
+            name,
+            *(f"{r.domain_errors[d]:.4f}" if d in r.domain_errors else "" for d in domains),
+            "" if r.mean_error is None else f"{r.mean_error:.4f}",
+            f"{r.images_per_s:.2f}",
+            f"{r.latency_ms_p50:.3f}",
+            f"{r.latency_ms_p95:.3f}",
+        ])
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def write_plot(results: Mapping[str, RunResult], path: str | os.PathLike[str], title: str = "") -> Path | None:
@@ -117,7 +116,9 @@ def write_plot(results: Mapping[str, RunResult], path: str | os.PathLike[str], t
 
 def write_results(results: Mapping[str, RunResult], out_dir: str | os.PathLike[str], title: str = "",
                   meta: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write results.json, results.csv, results.png (when labeled) and meta.json into `out_dir`."""
+    """Write results.json, results.csv, results.png (when labeled) and meta.json into `out_dir`
+    (each file replaced atomically, so a benchmark rewriting them after every adapter never leaves
+    half a file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": write_json(results, out / "results.json"), "csv": write_csv(results, out / "results.csv")}
@@ -126,6 +127,6 @@ def write_results(results: Mapping[str, RunResult], out_dir: str | os.PathLike[s
         written["png"] = plot
     if meta is not None:
         details = {name: r.to_dict() for name, r in results.items()}
-        (out / "meta.json").write_text(json.dumps({**meta, "runs": details}, indent=2, default=str) + "\n")
+        write_text_atomic(out / "meta.json", json.dumps({**meta, "runs": details}, indent=2, default=str) + "\n")
         written["meta"] = out / "meta.json"
     return written

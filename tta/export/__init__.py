@@ -2,7 +2,7 @@
 
     from tta.export import export_onnx, build_trt_engine
     export_onnx("resnet20-fmnist", "r20_abn.onnx", mode="alpha-bn", source_weight=0.9)
-    build_trt_engine("r20_abn.onnx", "r20_abn.engine", fp16=True)   # needs `pip install tta[trt]`
+    build_trt_engine("r20_abn.onnx", "r20_abn.engine", fp16=True)   # needs `pip install 'tta-runtime[trt]'`
 
 The files run without torch in `tta.edge`.
 """

@@ -11,6 +11,7 @@ parser range (9-20).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
@@ -26,10 +27,12 @@ import torch
 from torch import nn
 
 from tta.edge.errors import MetadataError
+from tta.edge.integrity import graph_sha256
 from tta.edge.metadata import ADAPTERS_BY_MODE, MODES, ExportMetadata
 from tta.errors import ConfigError, TTAError
 from tta.export.modules import FeatureExtractor, prepared_copy, to_alpha_bn, to_source_batchnorm
 from tta.export.ops import SUPPORTED_OPSETS, op_histogram, training_mode_batchnorms, unsupported_ops
+from tta.fileio import default_file_mode
 from tta.layers import replace_batchnorms
 
 DEFAULT_OPSET = 18
@@ -202,9 +205,14 @@ def export_onnx(
         weights_sha256=weights_sha256(model), adapters=ADAPTERS_BY_MODE[mode],
         exporter=f"torch.onnx dynamo (torch {torch.__version__.split('+')[0]}, onnx {onnx.__version__})",
     )
-    onnx.helper.set_model_props(proto, meta.to_props())
     proto.doc_string = f"tta {mode} export" + (f" of model card {card.name}" if card is not None else "")
+    meta = dataclasses.replace(meta, graph_sha256=graph_sha256(proto.SerializeToString()))
+    onnx.helper.set_model_props(proto, meta.to_props())
     _save_atomic(proto, out)
+    if graph_sha256(out.read_bytes()) != meta.graph_sha256:  # the edge recomputes it from the file
+        out.unlink(missing_ok=True)
+        raise ExportError(f"{out}: the saved graph does not hash to the recorded graph_sha256 (non-deterministic "
+                          "serialization?)")
     report = ExportReport(out, meta, dict(op_histogram(proto)))
     if verify:
         try:
@@ -243,6 +251,7 @@ def _torch_export(module: nn.Module, example: torch.Tensor, out: Path, opset: in
 
 def _save_atomic(proto: onnx.ModelProto, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; an export gets open()'s mode
     os.close(fd)
     try:
         onnx.save(proto, tmp)

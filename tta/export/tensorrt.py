@@ -1,7 +1,7 @@
 """TensorRT engine building from an exported ONNX file (TensorRT 10.x and 11.x Python API).
 
 `tensorrt` is imported only when an engine is built; without it `TensorRTNotInstalledError` says
-how to install it (``pip install tta[trt]``, on a machine with an NVIDIA GPU).
+how to install it (``pip install 'tta-runtime[trt]'``, on a machine with an NVIDIA GPU).
 
 Version differences handled here:
 - precision: TensorRT 10 builds weakly typed networks and takes ``BuilderFlag.FP16``; TensorRT 11
@@ -26,7 +26,7 @@ from tta.errors import ConfigError, TTAError
 from tta.export.fp16 import convert_to_fp16
 from tta.export.onnx_export import ExportError, read_metadata
 
-INSTALL_HINT = ("TensorRT is not installed: `pip install tta[trt]` (the `tensorrt` wheels, Linux/Windows "
+INSTALL_HINT = ("TensorRT is not installed: `pip install 'tta-runtime[trt]'` (the `tensorrt` wheels, Linux/Windows "
                 "x86_64 or aarch64 with an NVIDIA driver), or use the NVIDIA TensorRT container")
 
 

@@ -1,21 +1,39 @@
 """Source models: built-in architectures, model cards, safe checkpoint loading, source training.
 
 `load(card_or_path)` returns a model in eval mode that takes float [0, 1] NCHW images (input
-normalisation lives inside the model). Cards live in the repository's top-level `models/`:
-`DEFAULT_CARD` ("resnet20-fmnist", CIFAR-style ResNet-20 with BatchNorm) and `VIT_CARD`
-("vit-fmnist", timm VisionTransformer, patch 4), both trained by `tta train-source`.
+normalisation lives inside the model). Cards are found by name in the search order of `tta.paths`;
+two ship with the package: `DEFAULT_CARD` ("resnet20-fmnist", CIFAR-style ResNet-20 with BatchNorm)
+and `VIT_CARD` ("vit-fmnist", timm VisionTransformer, patch 4), both trained by `tta train-source`.
+
+Names are imported on first use (PEP 562): reading cards (`get_card`, `list_cards`) needs neither
+torch nor timm.
 """
 
-from tta.models.builders import build_model, list_architectures
-from tta.models.cards import DEFAULT_CARD, VIT_CARD, ModelCard, get_card, list_cards, load, load_weights, models_dir
-from tta.models.checkpoint import load_state_dict, save_state_dict, sha256_file
-from tta.models.features import extract_features, features_and_logits
-from tta.models.normalize import Normalized
-from tta.models.preprocessing import get_preprocessing
-from tta.models.training import cotta_threshold
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_CARD", "VIT_CARD", "ModelCard", "Normalized", "build_model", "cotta_threshold", "extract_features",
-    "features_and_logits", "get_card", "get_preprocessing", "list_architectures", "list_cards", "load",
-    "load_state_dict", "load_weights", "models_dir", "save_state_dict", "sha256_file",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_model": "builders", "list_architectures": "builders",
+    "DEFAULT_CARD": "cards", "VIT_CARD": "cards", "ModelCard": "cards", "card_entries": "cards",
+    "get_card": "cards", "list_cards": "cards", "load": "cards", "load_weights": "cards",
+    "load_state_dict": "checkpoint", "save_state_dict": "checkpoint", "sha256_file": "checkpoint",
+    "extract_features": "features", "features_and_logits": "features",
+    "Normalized": "normalize",
+    "get_preprocessing": "preprocessing",
+    "cotta_threshold": "training",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"tta.models.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tta.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

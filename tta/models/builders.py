@@ -2,7 +2,9 @@
 
 Names: `resnet20` (CIFAR ResNet-20), `wrn28_10` (RobustBench "Standard" WideResNet-28-10),
 `vit_patch4_32` (timm VisionTransformer for 32x32 inputs, patch 4), `timm:<name>`,
-`torchvision:<name>`; a bare unknown name is tried as a timm model.
+`torchvision:<name>`, a user's factory `package.module:factory` or the name of a ``tta.models``
+entry point (`tta.plugins`), called as ``factory(num_classes=, in_chans=, **arch_kwargs)``; a bare
+unknown name is tried as a timm model.
 
 `pretrained=True` downloads weights and therefore needs the network; offline
 (``HF_HUB_OFFLINE=1`` or the hub host unreachable within a few seconds) it raises
@@ -92,11 +94,32 @@ def require_download(what: str, host: str) -> None:
 
 def build_model(arch: str, num_classes: int = 10, in_chans: int = 3, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Instantiate `arch` with random weights (or hub weights when `pretrained`, online only)."""
+    if not isinstance(arch, str) or not arch:
+        raise ConfigError(f"architecture must be a non-empty string, got {arch!r}")
     if arch in BUILTINS:
         if pretrained:
             raise ConfigError(f"built-in architecture {arch!r} has no downloadable weights; load a checkpoint file instead")
         return BUILTINS[arch](num_classes=num_classes, in_chans=in_chans, **kwargs)
-    source, _, name = arch.partition(":") if ":" in arch else ("timm", "", arch)
+    from tta.plugins import import_factory, model_builder
+
+    source, sep, name = arch.partition(":")
+    if sep and source not in ("timm", "torchvision"):
+        factory = import_factory(arch, f"architecture {arch!r}")  # package.module:factory
+    else:
+        factory = None if sep else model_builder(arch)  # a `tta.models` entry point
+    if factory is not None:
+        if pretrained:
+            raise ConfigError(f"architecture {arch!r} is a user factory: load its weights from a checkpoint file")
+        try:
+            model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the user's factory; its error becomes one line
+            raise ConfigError(f"architecture {arch!r}: factory(num_classes={num_classes}, in_chans={in_chans}"
+                              f"{', **arch_kwargs' if kwargs else ''}) failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"architecture {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    if not sep:
+        source, name = "timm", arch
     if source == "timm":
         if not timm.is_model(name):
             raise ConfigError(f"unknown architecture {arch!r}: not built in ({', '.join(BUILTINS)}) and not a timm model")

@@ -1,38 +1,34 @@
-"""Model cards: YAML files in the repository's top-level `models/` folder describing a checkpoint.
+"""Model cards: YAML files describing a checkpoint, found by name in the search order of `tta.paths`
+($TTA_MODELS_DIR, ./models, the per-user folder, the cards shipped with the package) or by path.
 
 A card names the architecture, classes, input size, input normalisation (applied inside the loaded
-model), the checkpoint file (relative to the card) and its SHA-256, how to read pooled features,
-the measured clean accuracy, the CoTTA confidence threshold and the exact command that produced
-the checkpoint. `load(card)` returns the model in eval mode taking float [0, 1] NCHW images.
+model), the checkpoint file (a path relative to the card, inside the card's folder) and its SHA-256,
+how to read pooled features, the measured clean accuracy, the CoTTA confidence threshold and the exact
+command that produced the checkpoint. `load(card)` returns the model in eval mode taking float [0, 1]
+NCHW images. Reading and listing cards needs neither torch nor timm (`tta list`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from torch import nn
 
+from tta import paths
 from tta.errors import DataNotFoundError
-from tta.models.builders import build_model
-from tta.models.checkpoint import load_into, load_state_dict
-from tta.models.normalize import Normalized
 
-MODELS_ENV = "TTA_MODELS_DIR"
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 DEFAULT_CARD = "resnet20-fmnist"
 VIT_CARD = "vit-fmnist"
 CARD_SUFFIXES = (".yaml", ".yml")
-
-
-def models_dir() -> Path:
-    """`$TTA_MODELS_DIR`, else the repository's top-level `models/` folder."""
-    env = os.environ.get(MODELS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
 
 
 @dataclass
@@ -63,10 +59,34 @@ class ModelCard:
         return self.input_size[0]
 
     def checkpoint_path(self) -> Path:
+        """The checkpoint file. A card read from a file names it relative to the card's folder and may
+        not reach outside that folder; a card built in code (no `path`) may give an absolute path."""
         ckpt = Path(self.checkpoint)
-        if ckpt.is_absolute():
+        if self.path is None:
             return ckpt
-        return (self.path.parent if self.path is not None else models_dir()) / ckpt
+        folder = self.path.parent.resolve()
+        resolved = (folder / ckpt).resolve()
+        if ckpt.is_absolute() or not resolved.is_relative_to(folder):
+            raise DataNotFoundError(
+                f"model card {self.path}: checkpoint {self.checkpoint!r} must be a file in the card's folder "
+                f"{folder} (a relative path such as 'name.safetensors')"
+            )
+        return resolved
+
+    def artifact_path(self, suffix: str) -> Path | None:
+        """The existing file ``<name><suffix>`` generated for this card (e.g. ``".memory.safetensors"``),
+        or None. Looked for where `artifact_output_path` writes it first, then beside the card / in the
+        per-user ``models`` folder (`tta.paths`)."""
+        from tta.paths import find_artifact
+
+        return find_artifact(self.name, self.path, suffix)
+
+    def artifact_output_path(self, suffix: str) -> Path:
+        """Where to write ``<name><suffix>`` for this card: beside the card when the card is the user's
+        own and its folder writable, else the per-user ``models`` folder; never inside the package."""
+        from tta.paths import artifact_output_path
+
+        return artifact_output_path(self.name, self.path, suffix)
 
     def artifact_path(self, suffix: str) -> Path | None:
         """The existing file ``<name><suffix>`` generated for this card (e.g. ``".memory.safetensors"``),
@@ -106,21 +126,65 @@ class ModelCard:
         missing = [k for k in ("name", "arch", "num_classes", "checkpoint") if k not in data]
         if missing:
             raise DataNotFoundError(f"model card {where}: missing required field(s) {missing}")
+        _check_types(data, where)
         if "input_size" in data:
-            size = tuple(int(v) for v in data["input_size"])
-            if len(size) != 3:
-                raise DataNotFoundError(f"model card {where}: input_size must be [C, H, W], got {data['input_size']}")
-            data["input_size"] = size
+            size = data["input_size"]
+            if not isinstance(size, list) or len(size) != 3 or not all(_is_int(v) and v > 0 for v in size):
+                raise DataNotFoundError(f"model card {where}: input_size must be [C, H, W] of positive integers, "
+                                        f"got {size!r}")
+            data["input_size"] = tuple(size)
+        if not isinstance(norm, dict):
+            raise DataNotFoundError(f"model card {where}: normalization must be a mapping with mean and std")
         mean, std = norm.get("mean"), norm.get("std")
-        if (mean is None) != (std is None) or (mean is not None and len(mean) != len(std)):
-            raise DataNotFoundError(f"model card {where}: normalization needs both mean and std of equal length")
+        if (mean is None) != (std is None) or (mean is not None and (
+                not _numbers(mean) or not _numbers(std) or len(mean) != len(std) or any(v <= 0 for v in std))):
+            raise DataNotFoundError(f"model card {where}: normalization needs mean and std as lists of numbers of "
+                                    f"equal length (std > 0), got mean={mean!r} std={std!r}")
         return cls(**data, mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std), path=path)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the card as YAML (the checkpoint path stays as given: keep it relative to `path`)."""
         path = Path(path)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
         self.path = path
         return path
+
+
+_REQUIRED_TYPES: dict[str, tuple[type, ...]] = {"name": (str,), "arch": (str,), "checkpoint": (str,)}
+_OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
+    "sha256": (str,), "arch_kwargs": (dict,), "feature_layer": (str,), "dataset": (str,),
+    "clean_accuracy": (int, float), "cotta_threshold": (int, float), "preprocessing": (str,),
+    "training": (dict,), "command": (str,), "notes": (str,),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and bool(values) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _check_types(data: dict[str, Any], where: Any) -> None:
+    """Every card field of the YAML type it needs, or a DataNotFoundError naming the field."""
+    for key, types in {**_REQUIRED_TYPES, **_OPTIONAL_TYPES}.items():
+        value = data.get(key)
+        if (value is not None or key in _REQUIRED_TYPES) and (
+                not isinstance(value, types) or isinstance(value, bool)):
+            kinds = " or ".join("number" if t in (int, float) else {str: "string", dict: "mapping"}[t]
+                                for t in dict.fromkeys(types))
+            raise DataNotFoundError(f"model card {where}: {key} must be a {kinds}, got {value!r}")
+    for key in ("num_classes", "clean_correct", "num_test"):
+        value = data.get(key)
+        if (value is not None or key == "num_classes") and not (_is_int(value) and value > 0):
+            raise DataNotFoundError(f"model card {where}: {key} must be a positive integer, got {value!r}")
+    if data.get("sha256") is not None and (len(data["sha256"]) != 64 or
+                                           any(c not in "0123456789abcdefABCDEF" for c in data["sha256"])):
+        raise DataNotFoundError(f"model card {where}: sha256 must be 64 hex digits, got {data['sha256']!r}")
+    if not data["name"] or "/" in data["name"] or "\\" in data["name"]:
+        raise DataNotFoundError(f"model card {where}: name must be a plain name, got {data['name']!r}")
 
 
 def _card_path(name_or_path: str | os.PathLike[str]) -> Path:
@@ -129,12 +193,11 @@ def _card_path(name_or_path: str | os.PathLike[str]) -> Path:
         if candidate.is_file():
             return candidate
         raise DataNotFoundError(f"model card file {candidate} does not exist")
-    for suffix in CARD_SUFFIXES:
-        path = models_dir() / f"{name_or_path}{suffix}"
-        if path.is_file():
-            return path
+    found = paths.find_entry("models", str(name_or_path), CARD_SUFFIXES)
+    if found is not None:
+        return found.path
     raise DataNotFoundError(
-        f"unknown model card {str(name_or_path)!r}: no {name_or_path}.yaml in {models_dir()} "
+        f"unknown model card {str(name_or_path)!r}: no {name_or_path}.yaml in {paths.describe_search('models')} "
         f"(available: {', '.join(list_cards()) or 'none'})"
     )
 
@@ -146,26 +209,34 @@ def get_card(card: str | os.PathLike[str] | ModelCard) -> ModelCard:
     path = _card_path(card)
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DataNotFoundError(f"model card {path} is not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise DataNotFoundError(f"model card {path} must be a YAML mapping")
     return ModelCard.from_dict(data, path)
 
 
+def card_entries() -> dict[str, paths.Found]:
+    """Every card in the search order of `tta.paths`, by name, with where it was found."""
+    return paths.list_entries("models", CARD_SUFFIXES)
+
+
 def list_cards() -> list[str]:
-    root = models_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p.stem for p in root.iterdir() if p.suffix in CARD_SUFFIXES)
+    """Names of the cards found (see `card_entries`)."""
+    return list(card_entries())
 
 
 def wrap_normalization(net: nn.Module, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> nn.Module:
+    from tta.models.normalize import Normalized
+
     return net if mean is None else Normalized(net, mean, std)
 
 
 def load(card: str | os.PathLike[str] | ModelCard, device: str | torch.device = "cpu") -> nn.Module:
     """Build the card's architecture, verify and load its checkpoint; eval mode, [0, 1] NCHW inputs."""
+    from tta.models.builders import build_model
+    from tta.models.checkpoint import load_into, load_state_dict
+
     card = get_card(card)
     net = build_model(card.arch, num_classes=card.num_classes, in_chans=card.in_chans, **card.arch_kwargs)
     ckpt = card.checkpoint_path()

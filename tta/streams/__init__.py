@@ -21,7 +21,7 @@ _EXPORTS = {
     "ContinualStream": "settings", "GradualStream": "settings", "MixedDomainStream": "settings",
     "SegmentStream": "settings", "Segment": "settings", "dirichlet_order": "settings",
     "StreamSpec": "specs", "load_spec": "specs", "list_specs": "specs", "DEFAULT_SPEC": "specs",
-    "data_root": "specs", "streams_dir": "specs",
+    "data_root": "specs", "spec_entries": "specs",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,7 +2,7 @@
 
 Reference: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
 Perturbations", ICLR 2019 (the CIFAR-10-C generator). The constants per severity are those of
-/shared/spec/CORRUPTIONS.md and apply to small images (longest side <= 64 px; Fashion-MNIST is
+the CIFAR-10-C generator (hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py) and apply to small images (longest side <= 64 px; Fashion-MNIST is
 converted to 32x32 RGB first). Larger images are delegated, one image at a time, to the maintained
 `imagecorruptions` package (ImageNet-C constants).
 
@@ -33,22 +33,12 @@ import numpy as np
 from scipy import ndimage
 
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
+from tta.streams.names import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, STANDARD_ORDER  # noqa: F401
 
-#: The 15 standard corruptions, in the continual CTTA order of spec/METHODS.md (CoTTA/TENT order).
-STANDARD_ORDER: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression",
-)
-#: The CIFAR-10-C "extra" (validation) corruptions implemented here (spatter is not implemented).
-EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "saturate")
-#: Every corruption `corrupt` accepts.
-CORRUPTIONS: tuple[str, ...] = STANDARD_ORDER + EXTRA_CORRUPTIONS
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 #: Images whose longest side is at most this use the CIFAR-10-C constants; larger ones ImageNet-C.
 SMALL_IMAGE_MAX = 64
 
-# CIFAR-10-C constants, severity 1..5 (spec/CORRUPTIONS.md).
+# CIFAR-10-C constants, severity 1..5 (hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py).
 PARAMS: dict[str, tuple] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
     "shot_noise": (500, 250, 100, 75, 50),

@@ -15,7 +15,7 @@ Layouts:
   ``<wnid>/<file name>``.
 - A plain image folder: ``<class>/*.{jpg,jpeg,png,bmp,webp}`` (labels = sorted class folders) or a
   flat folder of images (unlabeled).
-- Video: any file OpenCV can decode, or a camera index, as an iterator of (3, H, W) float32 frames.
+- Video: any file OpenCV can decode, or a camera index, as an iterator of (C, H, W) float32 RGB frames.
 """
 
 from __future__ import annotations
@@ -146,10 +146,11 @@ class CorruptionArraySet:
     """A "-C" directory in the CIFAR-10-C layout (CIFAR-10-C, CIFAR-100-C, Fashion-MNIST-C...).
 
     `severities` are the ones stored (meta.json, default 1..5); `domain(corruption, severity)` returns
-    the memory-mapped rows of that severity with their labels.
+    the memory-mapped rows of that severity with their labels. With `num_classes`, every label must
+    lie in [0, num_classes).
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], num_classes: int | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"corruption set folder {self.root} does not exist; expected {CIFAR_C_LAYOUT}")
@@ -167,6 +168,10 @@ class CorruptionArraySet:
         if len(labels) % len(self.severities):
             raise DataNotFoundError(
                 f"{labels_path}: length {len(labels)} is not a multiple of the {len(self.severities)} stored severities"
+            )
+        if num_classes is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise DataNotFoundError(
+                f"{labels_path}: labels must lie in [0, {num_classes}), found {int(labels.min())}..{int(labels.max())}"
             )
         self.n = len(labels) // len(self.severities)
         self._labels = labels
@@ -315,11 +320,48 @@ def image_folder(root: str | os.PathLike[str], resize_crop: tuple[int, int] | No
     return domain
 
 
-class VideoFrames:
-    """Frames of a video file or camera (OpenCV) as (3, H, W) float32 RGB tensors in [0, 1].
+def open_capture(source: str | os.PathLike[str] | int):  # noqa: ANN201 - cv2.VideoCapture
+    """An opened `cv2.VideoCapture` for a file or camera index, or `DataNotFoundError` (one line:
+    OpenCV's own warnings about a missing camera are silenced)."""
+    import cv2
 
-    source: a file path or a camera index. size: optional (height, width) to resize every frame to.
-    max_frames: stop after this many frames; stride: keep every stride-th frame.
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except AttributeError:  # OpenCV builds without the logging utilities
+        pass
+    cap = cv2.VideoCapture(source if isinstance(source, int) else str(source))
+    if not cap.isOpened():
+        cap.release()
+        what = f"camera {source}" if isinstance(source, int) else f"video file {source}"
+        raise DataNotFoundError(f"OpenCV cannot open {what}"
+                                + (" (no such camera?)" if isinstance(source, int) else
+                                   " (not a video, or a codec this OpenCV build lacks)"))
+    return cap
+
+
+def convert_frame(frame: np.ndarray, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+    """An OpenCV frame (BGR, or grey) as uint8 (H, W, channels) RGB/grey, resized (INTER_AREA) to `size`."""
+    import cv2
+
+    if frame.ndim == 2:
+        frame = frame[:, :, None]
+    if channels == 1 and frame.shape[2] != 1:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)[:, :, None]
+    elif channels == 3 and frame.shape[2] == 1:
+        frame = np.repeat(frame, 3, axis=2)
+    elif channels == 3:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    if size is not None and frame.shape[:2] != tuple(size):
+        frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA).reshape(size[0], size[1], -1)
+    return frame
+
+
+class VideoFrames:
+    """Frames of a video file or camera (OpenCV) as (C, H, W) float32 tensors in [0, 1], RGB (or grey).
+
+    source: a file path or a camera index. size: optional (height, width) every frame is resized to
+    (INTER_AREA, as the edge video loop does). channels: 3 (RGB, default) or 1 (grey), a model card's
+    ``in_chans``. max_frames: stop after this many frames; stride: keep every stride-th frame.
     Iterating opens the source anew (a file restarts from its first frame).
     """
 
@@ -328,26 +370,39 @@ class VideoFrames:
         source: str | os.PathLike[str] | int,
         *,
         size: tuple[int, int] | None = None,
+        channels: int = 3,
         max_frames: int | None = None,
         stride: int = 1,
     ) -> None:
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if isinstance(source, bool) or (isinstance(source, int) and source < 0):
+            raise DataNotFoundError(f"camera index must be >= 0, got {source!r}")
         if not isinstance(source, int):
             source = Path(source)
             if not source.is_file():
                 raise DataNotFoundError(f"video file {source} does not exist")
         self.source = source
-        self.size = size
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.channels = channels
         self.max_frames = max_frames
         self.stride = stride
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        import cv2
+    def probe(self) -> tuple[int, int, int]:
+        """Open the source and decode one frame: its (H, W, channels) as delivered, or `DataNotFoundError`."""
+        cap = open_capture(self.source)
+        try:
+            ok, frame = cap.read()
+        finally:
+            cap.release()
+        if not ok or frame is None:
+            raise DataNotFoundError(f"video source {self.source!r} delivered no decodable frames")
+        return (frame.shape[0], frame.shape[1], 1 if frame.ndim == 2 else frame.shape[2])
 
-        cap = cv2.VideoCapture(self.source if isinstance(self.source, int) else str(self.source))
-        if not cap.isOpened():
-            raise DataNotFoundError(f"OpenCV cannot open video source {self.source!r}")
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        cap = open_capture(self.source)
         try:
             read = kept = 0
             while self.max_frames is None or kept < self.max_frames:
@@ -357,11 +412,9 @@ class VideoFrames:
                 read += 1
                 if (read - 1) % self.stride:
                     continue
-                if self.size is not None:
-                    frame = cv2.resize(frame, (self.size[1], self.size[0]), interpolation=cv2.INTER_AREA)
-                rgb = np.ascontiguousarray(frame[:, :, ::-1].transpose(2, 0, 1))
+                converted = convert_frame(frame, self.size, self.channels)
                 kept += 1
-                yield torch.from_numpy(rgb).float().div_(255)
+                yield torch.from_numpy(np.ascontiguousarray(converted.transpose(2, 0, 1))).float().div_(255)
             if read == 0:
                 raise DataNotFoundError(f"video source {self.source!r} delivered no decodable frames")
         finally:

@@ -29,9 +29,7 @@ import torch
 from tta.errors import ConfigError
 from tta.streams.base import Batch, Stream
 from tta.streams.datasets import DomainData
-
-ORDERS = ("shuffle", "file", "dirichlet")
-RESETS = ("never", "domain")
+from tta.streams.names import ORDERS, RESETS  # noqa: F401 - re-exported
 
 
 @dataclass
