@@ -151,7 +151,7 @@ class SAR(NormAffineAdapter):
     def _backup_buffers(self) -> list[torch.Tensor]:
         """Preallocated copies of the parameters at theta (SAM's way back from theta')."""
         params = self.norm_params
-        if self._sam_backup[0].device != params[0].device:
+        if (self._sam_backup[0].device, self._sam_backup[0].dtype) != (params[0].device, params[0].dtype):
             self._sam_backup = [torch.empty_like(p) for p in params]
         return self._sam_backup
 
