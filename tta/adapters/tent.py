@@ -6,15 +6,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from tta.adapters.base import Adapter
 from tta.adapters.config import OptimConfig
+from tta.adapters.entropy import NormAffineAdapter, softmax_entropy
 from tta.adapters.registry import register_adapter
-from tta.errors import NoAdaptableLayerError
-from tta.layers import CalibratedBatchNorm, replace_batchnorms
-
-NORM_TYPES = (CalibratedBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass
@@ -31,13 +26,8 @@ class TentConfig(OptimConfig):
     }
 
 
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample entropy of softmax(logits)."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
 @register_adapter("tent")
-class Tent(Adapter[TentConfig]):
+class Tent(NormAffineAdapter):
     """Entropy minimisation of the batch predictions; trains only normalisation affine params.
 
     BatchNorm layers normalise with test-batch statistics (source copy kept for reset);
@@ -48,32 +38,10 @@ class Tent(Adapter[TentConfig]):
     """
 
     Config = TentConfig
-    uses_batch_stats = True
     value_check = "with_loss"
-
-    def configure_model(self) -> None:
-        self.model.eval()
-        self.model.requires_grad_(False)
-        replace_batchnorms(self.model, 0.0)
-        self._norm_params = [
-            p
-            for m in self.model.modules()
-            if isinstance(m, NORM_TYPES)
-            for p in (m.weight, m.bias)
-            if p is not None
-        ]
-        if not self._norm_params:
-            raise NoAdaptableLayerError(
-                f"tent: the model ({type(self.model).__name__}) has no normalisation layer with affine "
-                "parameters (BatchNorm/LayerNorm/GroupNorm) to train"
-            )
-        if not any(isinstance(m, CalibratedBatchNorm) for m in self.model.modules()):
-            self.uses_batch_stats = False  # LN/GN-only model
-        for p in self._norm_params:
-            p.requires_grad_(True)
-
-    def collect_params(self) -> list[nn.Parameter]:
-        return self._norm_params
 
     def loss(self, outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return softmax_entropy(outputs).mean()
+
+
+__all__ = ["Tent", "TentConfig", "softmax_entropy"]
