@@ -83,6 +83,29 @@ def prepare_fisher(adapter: nn.Module, model: nn.Module, card: str) -> None:
     adapter.set_fisher(compute_fisher(model, images, batch_size=200))
 
 
+def prepare_prototypes(adapter: nn.Module, model: nn.Module, card: str) -> None:
+    """RMT gets the card's prototypes file (`tta build-prototypes`), else (no file, or the stand-in model)
+    class means of features of 2,000 Fashion-MNIST train images (uniform noise without the dataset)."""
+    if not hasattr(adapter, "set_prototypes") or getattr(adapter, "_prototypes", None) is not None:
+        return
+    from tta.adapters.rmt import compute_prototypes, load_prototypes, resolve_prototypes_path
+
+    try:
+        adapter.set_prototypes(load_prototypes(resolve_prototypes_path(card))[0])
+        return
+    except TTAError:
+        pass
+    try:
+        from tta.streams import load_fashion_mnist
+
+        images, labels = load_fashion_mnist("train")
+        images, labels = torch.from_numpy(images[:2000]).permute(0, 3, 1, 2), torch.from_numpy(labels[:2000])
+    except TTAError:
+        g = torch.Generator().manual_seed(1)
+        images, labels = torch.rand(2000, 3, 32, 32, generator=g), torch.arange(2000) % adapter.num_classes
+    adapter.set_prototypes(compute_prototypes(model, images, labels, adapter.num_classes))
+
+
 def prepare(adapter: nn.Module, model: nn.Module, memory_images: int) -> None:
     """Adapters that need a source memory (AdaNPC) get one built from Fashion-MNIST train images."""
     if not hasattr(adapter, "set_source_memory") or getattr(adapter, "memory", None) is not None:
@@ -188,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter = tta.adapt(copy.deepcopy(model), name)
             prepare(adapter, model, args.memory_images)
             prepare_fisher(adapter, model, args.model or tta.models.DEFAULT_CARD)
+            prepare_prototypes(adapter, model, args.model or tta.models.DEFAULT_CARD)
             entries[name] = adapter.to(device)
         except TTAError as exc:
             skipped[name] = str(exc)

@@ -189,3 +189,29 @@ def test_entropy_family_on_gpu_matches_the_cpu(name, card):
             torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-3, msg=f"{name} step {step}")
     changed = {k for k, v in gpu.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= set(gpu.norm_param_names)
+
+
+# RoTTA: a memory bank that a batch of 32 fills and updates on twice.
+MEAN_TEACHERS = {"rmt": {}, "rotta": {"memory_size": 16, "update_frequency": 16}}
+
+
+@pytest.mark.parametrize("card", [DEFAULT_CARD, VIT_CARD])
+@pytest.mark.parametrize("name", sorted(MEAN_TEACHERS))
+def test_rmt_and_rotta_on_gpu(name, card):
+    """The first prediction equals the CPU's (it precedes every update: RMT's student + teacher,
+    RoTTA's teacher); later steps use the augmentation noise drawn on the GPU's generator, so they
+    are checked for finite outputs and moved state (RMT: the student's parameters; RoTTA: its norm
+    parameters, and on the CNN card the robust BN's global statistics)."""
+    xs = grey_batches()
+    cpu = adapter_on("cpu", name, card, **MEAN_TEACHERS[name])
+    gpu = adapter_on("cuda", name, card, **MEAN_TEACHERS[name])
+    before = {k: v.clone() for k, v in gpu.model.state_dict().items()}
+    for step, x in enumerate(xs):
+        got = gpu(x.cuda())
+        assert got.device.type == "cuda" and torch.isfinite(got).all()
+        if step == 0:
+            torch.testing.assert_close(got.cpu(), cpu(x), atol=2e-3, rtol=2e-3, msg=f"{name} on {card}")
+    changed = {k for k, v in gpu.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed
+    if name == "rotta" and card == DEFAULT_CARD:
+        assert any(k.endswith("running_mean") for k in changed)

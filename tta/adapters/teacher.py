@@ -281,15 +281,24 @@ def card_defaults(config_cls: type, overrides: dict[str, Any], card_name: str) -
     """CLI rule: resolve ``key=card`` markers from the model card (``CARD_FIELDS``), and give every
     unset config key listed in ``CARD_ARTIFACTS`` (key -> file suffix) the card's file
     ``<card><suffix>`` when it exists (`ModelCard.artifact_path`: ViDA's warmed-up adapters, RMT's
-    source prototypes)."""
+    source prototypes); a missing file listed in ``REQUIRED_CARD_ARTIFACTS`` (key -> the ``tta``
+    command that builds it) is an error naming that command."""
     from tta.models import get_card
 
     overrides = resolve_card_fields(config_cls, overrides, lambda: get_card(card_name))
+    required: Mapping[str, str] = getattr(config_cls, "REQUIRED_CARD_ARTIFACTS", {})
     for key, suffix in getattr(config_cls, "CARD_ARTIFACTS", {}).items():
         if overrides.get(key) is None:
-            path = get_card(card_name).artifact_path(suffix)
+            card = get_card(card_name)
+            path = card.artifact_path(suffix)
             if path is not None:
                 overrides = {**overrides, key: str(path)}
+            elif key in required:
+                raise ConfigError(
+                    f"{config_cls.__name__}: {key} of card {card.name} ({card.name}{suffix}) not found (looked for "
+                    f"at {card.artifact_output_path(suffix)}): build it with `tta {required[key]} --model "
+                    f"{card_name}` or pass --set {key}=PATH"
+                )
     return overrides
 
 

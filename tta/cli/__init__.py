@@ -15,7 +15,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: tuple[str, ...] = ("run", "bench", "list_cmd", "train_source", "make_c", "export", "memory", "warmup",
-                               "fisher")
+                               "fisher", "prototypes")
 
 
 def build_parser() -> argparse.ArgumentParser:
