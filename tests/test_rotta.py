@@ -114,7 +114,8 @@ class ListMemory:
 
 
 def bank_items(memory: CategoryBalancedMemory, keys: dict[int, int]) -> list[tuple[int, int, float, int]]:
-    return [(keys[int(s)], int(memory.label[s]), float(memory.entropy[s]), int(memory.age[s])) for s in memory.order()]
+    ages = memory.ages()
+    return [(keys[int(s)], int(memory.label[s]), float(memory.entropy[s]), int(ages[s])) for s in memory.order()]
 
 
 @pytest.mark.parametrize(("capacity", "num_classes", "skew", "ties"), [
@@ -184,7 +185,7 @@ def test_one_update_matches_a_plain_torch_rederivation():
     bank = x[rows]
     order = adapter.memory.order()
     assert torch.equal(adapter.memory.data[torch.from_numpy(order)], bank)
-    assert adapter.memory.age[order].tolist() == [it[3] for it in items]
+    assert adapter.memory.ages()[order].tolist() == [it[3] for it in items]
 
     # re-derivation: conv -> robust BN (train mode) -> relu -> pool -> linear, teacher and student alike
     conv, bn, fc = model[0], model[1], model[5]
