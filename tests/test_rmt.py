@@ -289,3 +289,24 @@ def test_cli_rule_names_the_build_command_when_a_card_has_no_prototypes(tmp_path
         card_defaults(RmtConfig, {}, str(tmp_path / "tiny.yaml"))
     assert card_defaults(RmtConfig, {"prototypes": "p.safetensors"}, str(tmp_path / "tiny.yaml")) == {
         "prototypes": "p.safetensors"}
+
+
+def test_bench_runs_rmt_and_rotta_with_per_adapter_settings(tmp_path, monkeypatch):
+    """`tta bench` (toy stream and model of tests/test_cli.py): both adapters run, configured per adapter."""
+    import json
+
+    from test_cli import ToySpec, tiny_cnn
+    from tta.cli import main
+
+    spec = ToySpec()
+    monkeypatch.setattr(tta.streams, "load_spec", lambda name: spec)
+    monkeypatch.setattr(tta.models, "load", lambda card, device="cpu": tiny_cnn())
+    path = save_prototypes(tmp_path / "tiny.prototypes.safetensors", protos(num_classes=10, dim=16))
+    rc = main(["bench", "--adapters", "rmt,rotta", "--set", f"rmt.prototypes={path}", "--set",
+               "rotta.update_frequency=8", "--set", "rotta.memory_size=8", "--out", str(tmp_path / "out"),
+               "--no-progress"])
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results) == ["rmt", "rotta"] and all(0 <= r["mean"] <= 100 for r in results.values())
+    configs = json.loads((tmp_path / "out" / "meta.json").read_text())["configs"]
+    assert configs["rmt"]["prototypes"] == str(path) and configs["rotta"]["update_frequency"] == 8
