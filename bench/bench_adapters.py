@@ -5,9 +5,9 @@ batch; the source forward (eval mode, no grad) is timed on the same batch. Timin
 by side: every round times each entry once, in turn, so machine-load drifts hit all entries alike;
 the table reports medians and the ratio to the source forward's median.
 
-Model: the default model card (`tta.models.DEFAULT_CARD`) when its checkpoint is present, else a
-ResNet-20 (CIFAR, 0.27 M parameters) with untrained weights as a same-sized stand-in (compute per
-batch does not depend on the weight values). Batch: 200 Fashion-MNIST test images at 32x32 RGB
+Model: ``--model CARD``, by default the default card (`tta.models.DEFAULT_CARD`) when its checkpoint
+is present, else a ResNet-20 (CIFAR, 0.27 M parameters) with untrained weights as a same-sized
+stand-in (compute per batch does not depend on the weight values). Batch: 200 Fashion-MNIST test images at 32x32 RGB
 with gaussian_noise severity 5 (adapters whose compute depends on confidence, e.g. CoTTA's
 augmentation averaging, see shifted data as in a benchmark), or uniform noise when the dataset is
 not installed.
@@ -60,6 +60,50 @@ def make_batch(batch_size: int, in_chans: int, size: int) -> tuple[torch.Tensor,
         print(f"note: Fashion-MNIST unavailable ({exc}); timing on uniform noise", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
     return torch.rand(batch_size, in_chans, size, size, generator=g), f"{batch_size} uniform-noise images"
+
+
+def prepare_fisher(adapter: nn.Module, model: nn.Module, card: str) -> None:
+    """EATA gets the card's Fisher file (`tta build-fisher`), else (no file, or the stand-in model) one
+    computed on 2,000 Fashion-MNIST train images (uniform noise without the dataset)."""
+    if not hasattr(adapter, "set_fisher") or getattr(adapter, "_fisher_sqrt", None) is not None:
+        return
+    from tta.adapters.eata import compute_fisher, fisher_path_for_card, load_fisher
+
+    try:
+        adapter.set_fisher(load_fisher(fisher_path_for_card(card))[0])
+        return
+    except TTAError:
+        pass
+    try:
+        from tta.streams import load_fashion_mnist
+
+        images = torch.from_numpy(load_fashion_mnist("train")[0][:2000]).permute(0, 3, 1, 2)
+    except TTAError:
+        images = torch.rand(2000, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    adapter.set_fisher(compute_fisher(model, images, batch_size=200))
+
+
+def prepare_prototypes(adapter: nn.Module, model: nn.Module, card: str) -> None:
+    """RMT gets the card's prototypes file (`tta build-prototypes`), else (no file, or the stand-in model)
+    class means of features of 2,000 Fashion-MNIST train images (uniform noise without the dataset)."""
+    if not hasattr(adapter, "set_prototypes") or getattr(adapter, "_prototypes", None) is not None:
+        return
+    from tta.adapters.rmt import compute_prototypes, load_prototypes, resolve_prototypes_path
+
+    try:
+        adapter.set_prototypes(load_prototypes(resolve_prototypes_path(card))[0])
+        return
+    except TTAError:
+        pass
+    try:
+        from tta.streams import load_fashion_mnist
+
+        images, labels = load_fashion_mnist("train")
+        images, labels = torch.from_numpy(images[:2000]).permute(0, 3, 1, 2), torch.from_numpy(labels[:2000])
+    except TTAError:
+        g = torch.Generator().manual_seed(1)
+        images, labels = torch.rand(2000, 3, 32, 32, generator=g), torch.arange(2000) % adapter.num_classes
+    adapter.set_prototypes(compute_prototypes(model, images, labels, adapter.num_classes))
 
 
 def prepare(adapter: nn.Module, model: nn.Module, memory_images: int) -> None:
@@ -166,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             adapter = tta.adapt(copy.deepcopy(model), name)
             prepare(adapter, model, args.memory_images)
+            prepare_fisher(adapter, model, args.model or tta.models.DEFAULT_CARD)
+            prepare_prototypes(adapter, model, args.model or tta.models.DEFAULT_CARD)
             entries[name] = adapter.to(device)
         except TTAError as exc:
             skipped[name] = str(exc)

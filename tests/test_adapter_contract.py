@@ -20,11 +20,13 @@ from tta.adapters.inputs import declare_input, value_verdict
 from tta.errors import ConfigError, InputRangeError, InvalidInputError, NonFiniteInputError
 
 ADAPTERS = tta.list_adapters()
-#: fewer augmented views (speed) and an anchor threshold that always augments (draws random numbers)
+#: fewer augmented views (speed) and an anchor threshold that always augments (draws random numbers);
+#: RoTTA: a memory bank small enough that a batch of 6 updates the student
 FAST = {
     "cotta": {"n_views": 2, "ap": 1.0},
     "vida": {"n_views": 2, "high_rank": 4, "ap": 1.0},
     "vdp": {"n_views": 2, "ap": 1.0},
+    "rotta": {"memory_size": 8, "update_frequency": 4},
 }
 
 
@@ -51,6 +53,8 @@ def build(name: str, model: nn.Module | None = None, **config) -> tta.Adapter:
     if name == "adanpc":
         g = torch.Generator().manual_seed(2)
         adapter.set_source_memory(torch.randn(40, 8, generator=g), torch.arange(40) % 10, 10)
+    if name == "rmt":  # source class prototypes (10 classes x 8 feature dims of small_cnn)
+        adapter.set_prototypes(torch.randn(10, 8, generator=torch.Generator().manual_seed(3)))
     return adapter
 
 

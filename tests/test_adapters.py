@@ -179,6 +179,24 @@ def test_alpha_bn_mixes_statistics_with_biased_batch_variance():
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_alpha_bn_batch_variance_is_the_biased_estimate_not_the_unbiased_one():
+    """Where n is small (3 samples of 1x1 maps) the two estimates differ by n / (n - 1) = 1.5: the
+    output is the biased formula's, and measurably not the peer's unbiased one."""
+    a = 0.5
+    layer = with_source_stats(nn.Sequential(nn.BatchNorm2d(4)))[0]
+    x = torch.randn(3, 4, 1, 1, generator=torch.Generator().manual_seed(0)).double()
+
+    def mixed(var_batch: torch.Tensor) -> torch.Tensor:
+        m = a * layer.running_mean.double() + (1 - a) * x.mean((0, 2, 3))
+        v = a * layer.running_var.double() + (1 - a) * var_batch
+        y = (x - m.view(1, -1, 1, 1)) / torch.sqrt(v.view(1, -1, 1, 1) + layer.eps)
+        return y * layer.weight.double().view(1, -1, 1, 1) + layer.bias.double().view(1, -1, 1, 1)
+
+    out = tta.adapt(nn.Sequential(layer), "alpha-bn", source_weight=a)(x.float()).double()
+    torch.testing.assert_close(out, mixed(x.var((0, 2, 3), unbiased=False)), rtol=1e-5, atol=1e-5)
+    assert (out - mixed(x.var((0, 2, 3), unbiased=True))).abs().max() > 1e-2
+
+
 # ---------------------------------------------------------------- acceptance: TENT vs an independent derivation
 
 def test_tent_one_step_matches_closed_form_entropy_gradient():

@@ -46,6 +46,8 @@ def adapter_on(device: str, name: str, card: str = DEFAULT_CARD, **cfg) -> tta.A
     cfg = card_defaults(get_adapter_class(name).Config, cfg, card)
     if name == "adanpc":
         cfg.setdefault("memory", card)
+    if name == "eata":
+        cfg.setdefault("fisher", card)
     return tta.adapt(load(card), name, seed=0, **cfg).to(device)
 
 
@@ -157,3 +159,59 @@ def test_input_checks_make_no_host_sync_and_steps_one():
         adapter(x)  # first call: lazy initialisation (optimizer state, kernels) out of the count
         assert count_syncs(lambda: (adapter.validate_batch(x), value_verdict(x, adapter.input_range))) == 0
         assert count_syncs(lambda: adapter(x)) == 1, name
+
+
+# Margins loose enough that the selection rules pick samples on these synthetic batches.
+ENTROPY_FAMILY = {
+    "eata": {"margin_e0": 0.9, "d_margin": 1.5},
+    "eta": {"margin_e0": 0.9, "d_margin": 1.5},
+    "sar": {"margin_e0": 0.9, "reset_constant": 0.0},
+    "deyo": {"margin": 0.9, "margin_e0": 0.9, "plpd_threshold": -1.0},
+    "roid": {},
+}
+
+
+@pytest.mark.parametrize("card", [DEFAULT_CARD, VIT_CARD])
+@pytest.mark.parametrize("name", sorted(ENTROPY_FAMILY))
+def test_entropy_family_on_gpu_matches_the_cpu(name, card):
+    """Same predictions as the CPU at every step (DeYO: the first; its patch shuffles are drawn on
+    the GPU's generator afterwards), only norm affine parameters move (BatchNorm on the CNN card,
+    LayerNorm on the ViT card)."""
+    xs = grey_batches()
+    cpu = adapter_on("cpu", name, card, **ENTROPY_FAMILY[name])
+    gpu = adapter_on("cuda", name, card, **ENTROPY_FAMILY[name])
+    before = {k: v.clone() for k, v in gpu.model.state_dict().items()}
+    for step, x in enumerate(xs):
+        want = cpu(x)
+        got = gpu(x.cuda())
+        assert got.device.type == "cuda" and torch.isfinite(got).all()
+        if name != "deyo" or step == 0:
+            torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-3, msg=f"{name} step {step}")
+    changed = {k for k, v in gpu.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= set(gpu.norm_param_names)
+
+
+# RoTTA: a memory bank that a batch of 32 fills and updates on twice.
+MEAN_TEACHERS = {"rmt": {}, "rotta": {"memory_size": 16, "update_frequency": 16}}
+
+
+@pytest.mark.parametrize("card", [DEFAULT_CARD, VIT_CARD])
+@pytest.mark.parametrize("name", sorted(MEAN_TEACHERS))
+def test_rmt_and_rotta_on_gpu(name, card):
+    """The first prediction equals the CPU's (it precedes every update: RMT's student + teacher,
+    RoTTA's teacher); later steps use the augmentation noise drawn on the GPU's generator, so they
+    are checked for finite outputs and moved state (RMT: the student's parameters; RoTTA: its norm
+    parameters, and on the CNN card the robust BN's global statistics)."""
+    xs = grey_batches()
+    cpu = adapter_on("cpu", name, card, **MEAN_TEACHERS[name])
+    gpu = adapter_on("cuda", name, card, **MEAN_TEACHERS[name])
+    before = {k: v.clone() for k, v in gpu.model.state_dict().items()}
+    for step, x in enumerate(xs):
+        got = gpu(x.cuda())
+        assert got.device.type == "cuda" and torch.isfinite(got).all()
+        if step == 0:
+            torch.testing.assert_close(got.cpu(), cpu(x), atol=2e-3, rtol=2e-3, msg=f"{name} on {card}")
+    changed = {k for k, v in gpu.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed
+    if name == "rotta" and card == DEFAULT_CARD:
+        assert any(k.endswith("running_mean") for k in changed)

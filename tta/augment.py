@@ -144,7 +144,7 @@ class CottaAugment:
         views = x.clamp(0, 1).unsqueeze(0).expand(v, *x.shape)
         views = self._color_jitter(views, params, replicated_rgb)
         p = _to(params, x)
-        views = self._warp_blur_crop(views, p)
+        views = self._geometry(views, p)
         return torch.where(p.flip.view(v, 1, 1, 1, 1), views.flip(-1), views)
 
     def _color_jitter(self, views: torch.Tensor, params: AugmentParams, replicated_rgb: bool) -> torch.Tensor:
@@ -177,20 +177,11 @@ class CottaAugment:
             views = out
         return views
 
-    def _warp_blur_crop(self, views: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    def _geometry(self, views: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """Pad (edge) -> affine -> gaussian blur -> centre crop, fused (see the module docstring)."""
         v, b, c, h, w = views.shape
         m = BLUR_TAPS // 2
-        # Output pixel centres of the crop plus the blur margin, relative to the image centre.
-        ys = torch.arange(-m, h + m, device=views.device, dtype=views.dtype) + 0.5 - h / 2
-        xs = torch.arange(-m, w + m, device=views.device, dtype=views.dtype) + 0.5 - w / 2
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        # Inverse affine: source = R(-angle) (out - shift) / scale.
-        cos, sin = torch.cos(p.angle).view(v, 1, 1), torch.sin(p.angle).view(v, 1, 1)
-        ox = gx - p.shift[:, 0].view(v, 1, 1)
-        oy = gy - p.shift[:, 1].view(v, 1, 1)
-        inv = (1.0 / p.scale).view(v, 1, 1)
-        sx = (cos * ox + sin * oy) * inv
-        sy = (-sin * ox + cos * oy) * inv
+        sx, sy = _source_coords(p, h, w, m, views)
         grid = torch.stack((sx / (w / 2), sy / (h / 2)), dim=-1)  # align_corners=False normalisation
         # One grid per view: the batch and channels of a view ride along as channels.
         warped = F.grid_sample(
@@ -202,6 +193,49 @@ class CottaAugment:
         flat = F.conv2d(flat, taps.view(-1, 1, BLUR_TAPS, 1), groups=v * b * c)
         flat = F.conv2d(flat, taps.view(-1, 1, 1, BLUR_TAPS), groups=v * b * c)
         return flat.view(v, b, c, h, w)
+
+
+class ReflectAugment(CottaAugment):
+    """The augmentation set without CoTTA's blur and noise, padded by reflection: the views of
+    ROID's consistency loss (the reference's ``get_tta_transforms(padding_mode="reflect",
+    cotta_augs=False)`` in mariodoebler/test-time-adaptation):
+
+        clip(0, 1) -> colour jitter in a random order (CoTTA's ranges) -> pad n/2 (reflect) ->
+        random affine (CoTTA's ranges, bilinear) -> centre crop back to n -> horizontal flip
+        (p = 0.5) -> clip(0, 1)
+
+    Same parameter draw as `CottaAugment` (the blur taps are drawn and ignored). Reflect padding
+    followed by a bilinear warp equals sampling the original image at coordinates reflected about
+    its outer pixel centres, which is ``grid_sample``'s ``reflection`` mode with ``align_corners``
+    normalisation; the warp never reaches past the n/2 padding for these ranges, so the affine's
+    zero fill plays no part. Use ``apply(x, params, None)`` (no noise).
+    """
+
+    def _geometry(self, views: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        v, b, c, h, w = views.shape
+        sx, sy = _source_coords(p, h, w, 0, views)
+        # centred pixel units -> pixel indices -> align_corners=True normalisation (pixel centres at +-1)
+        gx = (sx + (w - 1) / 2) * (2 / max(w - 1, 1)) - 1
+        gy = (sy + (h - 1) / 2) * (2 / max(h - 1, 1)) - 1
+        warped = F.grid_sample(
+            views.reshape(v, b * c, h, w), torch.stack((gx, gy), dim=-1), mode="bilinear",
+            padding_mode="reflection", align_corners=True,
+        )
+        return warped.view(v, b, c, h, w)
+
+
+def _source_coords(p: AugmentParams, h: int, w: int, margin: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source coordinates (centred pixel units) of the output pixel centres of the centre crop plus
+    `margin` pixels on each side, for each view: source = R(-angle) (out - shift) / scale."""
+    v = len(p)
+    ys = torch.arange(-margin, h + margin, device=like.device, dtype=like.dtype) + 0.5 - h / 2
+    xs = torch.arange(-margin, w + margin, device=like.device, dtype=like.dtype) + 0.5 - w / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    cos, sin = torch.cos(p.angle).view(v, 1, 1), torch.sin(p.angle).view(v, 1, 1)
+    ox = gx - p.shift[:, 0].view(v, 1, 1)
+    oy = gy - p.shift[:, 1].view(v, 1, 1)
+    inv = (1.0 / p.scale).view(v, 1, 1)
+    return (cos * ox + sin * oy) * inv, (-sin * ox + cos * oy) * inv
 
 
 def is_grey_rgb(x: torch.Tensor) -> bool:
@@ -286,4 +320,4 @@ def stack_views(views: torch.Tensor) -> torch.Tensor:
     return views.reshape(-1, *views.shape[2:])
 
 
-__all__ = ["AugmentParams", "AugmentRanges", "CottaAugment", "is_grey_rgb", "stack_views"]
+__all__ = ["AugmentParams", "AugmentRanges", "CottaAugment", "ReflectAugment", "is_grey_rgb", "stack_views"]

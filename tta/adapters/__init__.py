@@ -7,6 +7,7 @@ from tta.adapters.registry import adapt, adapter_config, get_adapter_class, list
 
 # Importing a method module registers it.
 from tta.adapters import adanpc, cotta, norm, tent, vdp, vida  # noqa: E402,F401
+from tta.adapters import deyo, eata, rmt, roid, rotta, sar  # noqa: E402,F401
 
 __all__ = [
     "Adapter",

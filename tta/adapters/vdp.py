@@ -37,17 +37,15 @@ is the teacher's output on the clean input (as ViDA's). ``counters["aug_target"]
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tta.adapters.base import Adapter
-from tta.adapters.config import OptimConfig
 from tta.adapters.inputs import model_dtype
 from tta.adapters.registry import register_adapter
-from tta.adapters.teacher import LOSSES, ema_update_
-from tta.augment import CottaAugment, stack_views
+from tta.adapters.teacher import LOSSES, AugmentedTeacherConfig, TeacherStudentAdapter
+from tta.augment import CottaAugment
 from tta.errors import ConfigError, InvalidInputError
 
 
@@ -110,17 +108,17 @@ class PromptedModel(nn.Module):
 
 
 @dataclass
-class VdpConfig(OptimConfig):
-    """VDP options (defaults documented in the module docstring).
+class VdpConfig(AugmentedTeacherConfig):
+    """VDP options (defaults documented in the module docstring; the teacher fields in
+    `tta.adapters.teacher`: ``ema_momentum`` 0.999 for the teacher prompts, ``n_views`` 10, ``ap``
+    0.92, ``loss``, ``views_per_forward``, ``views_memory_format``).
 
     image_size: prompt height/width; 0 = the adapter's input size (``input_size``, or what the model
         declares: card, timm ``img_size``/``pretrained_cfg``), else 32.
     frame_width / patch_size: prompt geometry in pixels; 0 = side / 16 (>= 1) and side / 8 (>= 1).
     num_patches: domain-specific corner patches (4). scale: prompt scale (0.1).
-    ema_momentum: teacher prompt EMA (0.999). homeostasis: suppression strength lambda (1.0; 0 = off).
+    homeostasis: suppression strength lambda (1.0; 0 = off).
     importance_decay: beta of the running mean of squared gradients (0.9).
-    n_views: augmented teacher passes (10). ap: anchor-confidence threshold (0.92, CoTTA CIFAR-10).
-    loss: ``soft_ce`` (CIFAR) or ``symmetric_ce`` (ImageNet).
     """
 
     lr: float = 1e-4
@@ -129,35 +127,25 @@ class VdpConfig(OptimConfig):
     patch_size: int = 0
     num_patches: int = 4
     scale: float = 0.1
-    ema_momentum: float = 0.999
     homeostasis: float = 1.0
     importance_decay: float = 0.9
-    n_views: int = 10
-    ap: float = 0.92
-    loss: Literal["soft_ce", "symmetric_ce"] = "soft_ce"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cifar10": {"optimizer": "adam", "lr": 1e-4, "loss": "soft_ce"},
         "cifar100": {"optimizer": "adam", "lr": 1e-4, "loss": "soft_ce"},
         "imagenet": {"optimizer": "adam", "lr": 1e-4, "loss": "symmetric_ce"},
     }
-
-    #: config keys a model card can supply (``--set ap=card``): the CoTTA threshold of the card
-    CARD_FIELDS: ClassVar[dict[str, str]] = {"ap": "cotta_threshold"}
+    MIN_VIEWS: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("image_size", "frame_width", "patch_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if not 0.0 <= self.ema_momentum <= 1.0 or not 0.0 <= self.importance_decay < 1.0:
-            raise ConfigError("ema_momentum must be in [0, 1] and importance_decay in [0, 1)")
+        if not 0.0 <= self.importance_decay < 1.0:
+            raise ConfigError(f"importance_decay must be in [0, 1), got {self.importance_decay}")
         if self.homeostasis < 0:
             raise ConfigError(f"homeostasis must be >= 0, got {self.homeostasis}")
-        if self.n_views < 2:
-            raise ConfigError(f"n_views must be >= 2, got {self.n_views}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
 def model_image_size(model: nn.Module) -> int | None:
@@ -173,10 +161,11 @@ def model_image_size(model: nn.Module) -> int | None:
 
 
 @register_adapter("vdp")
-class VDP(Adapter[VdpConfig]):
+class VDP(TeacherStudentAdapter[VdpConfig]):
     """VDP (Gan et al., AAAI 2023): frozen model, learned additive image prompts; see the module docstring."""
 
     Config = VdpConfig
+    uses_batch_stats = False  # the frozen backbone keeps its source normalisation
 
     def configure_model(self) -> None:
         cfg = self.config
@@ -195,53 +184,47 @@ class VDP(Adapter[VdpConfig]):
         to = {"device": self.device, "dtype": model_dtype(self.model) or torch.float32}
         self.prompt = VisualPrompt(channels, size, frame, patch, cfg.num_patches, cfg.scale).to(**to)
         self.teacher_prompt = VisualPrompt(channels, size, frame, patch, cfg.num_patches, cfg.scale).to(**to)
-        self.teacher_prompt.requires_grad_(False)
         self.register_buffer("importance", torch.zeros_like(self.prompt.agnostic))
+        self.build_teacher()
+
+    def build_teacher(self) -> None:
+        """The teacher is the same frozen backbone behind its own prompts (no model copy)."""
+        self.teacher_prompt.requires_grad_(False)
+        self._teacher_bn = []  # the backbone keeps its source statistics: views need no ghost BN
         self.augment = CottaAugment()
         self.__dict__["_student"] = PromptedModel(self.model, self.prompt)
         self.__dict__["_teacher"] = PromptedModel(self.model, self.teacher_prompt)
 
+    def _bind_pairs(self) -> None:
+        self._student_params = [self.prompt.agnostic, self.prompt.specific]
+        self._teacher_params = [self.teacher_prompt.agnostic, self.teacher_prompt.specific]
+
     def collect_params(self) -> list[nn.Parameter]:
         return [self.prompt.agnostic, self.prompt.specific]
-
-    def adapted_parameters(self) -> list[torch.Tensor]:
-        return super().adapted_parameters() + [self.teacher_prompt.agnostic, self.teacher_prompt.specific]
 
     def prediction_model(self) -> nn.Module:
         return self.__dict__["_teacher"]
 
-    def reset(self) -> None:
-        super().reset()
-        with torch.no_grad():
-            for t in (self.prompt.agnostic, self.prompt.specific, self.teacher_prompt.agnostic,
-                      self.teacher_prompt.specific, self.importance):
-                t.zero_()
+    def anchor_model(self) -> nn.Module:
+        return self.model  # the unprompted backbone is the source model
 
-    def _step_generators(self) -> tuple[torch.Generator, torch.Generator]:
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator("cpu")))
-        cpu = torch.Generator().manual_seed(seed)
-        dev = self.device
-        return cpu, (cpu if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(seed))
+    def reset_teacher(self) -> None:
+        with torch.no_grad():
+            for t in (*self._student_params, *self._teacher_params, self.importance):
+                t.zero_()
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        teacher_model = self.__dict__["_teacher"]
         self.prompt.check(x)
+        gens = self.step_generators()
         with torch.no_grad():
-            param_gen, noise_gen = self._step_generators()
-            uncertain = float(self.model(x).softmax(1).amax(1).mean()) < cfg.ap
-            teacher = teacher_model(x)
-            target = teacher
-            if uncertain:
-                params = self.augment.draw(cfg.n_views, tuple(x.shape[-2:]), param_gen)
-                views = self.augment.apply(x, params, self.augment.noise(cfg.n_views, x, noise_gen))
-                target = teacher_model(stack_views(views)).view(cfg.n_views, x.shape[0], -1).mean(0)
-        key = "aug_target" if uncertain else "clean_target"
-        self.counters[key] = self.counters.get(key, 0) + 1
+            use_aug = self.anchor_confidence(x) < cfg.ap
+            teacher = self.prediction_model()(x)
+            target = self.view_logits(x, gens).mean(0) if use_aug else teacher
+        self._count(**{"aug_target" if use_aug else "clean_target": 1})
         student = self.__dict__["_student"](x)
         self.apply_loss(LOSSES[cfg.loss](student, target))
-        ema_update_([self.teacher_prompt.agnostic, self.teacher_prompt.specific],
-                    [self.prompt.agnostic, self.prompt.specific], cfg.ema_momentum)
+        self.update_teacher(cfg.ema_momentum)
         return teacher
 
     def optimizer_step(self) -> None:

@@ -35,7 +35,8 @@ and `save_adapter_weights` stores them; ``adapter_weights=<file>`` loads them. W
 adapters start at the injection init (up = 0), a documented deviation.
 
 Presets: cifar10/cifar100 Adam, lr 1e-4 / adapter 1e-5, threshold 0.05, restore 0.1, soft CE;
-imagenet SGD momentum 0.9, lr 5e-7 / adapter 2e-7, threshold 0.2, no restore, symmetric CE.
+imagenet SGD momentum 0.9 with Nesterov (the reference's ImageNet optimizer), lr 5e-7 / adapter 2e-7,
+threshold 0.2, no restore, symmetric CE.
 """
 
 from __future__ import annotations
@@ -50,15 +51,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta.adapters.config import OptimConfig
 from tta.adapters.registry import register_adapter
-from tta.adapters.teacher import LOSSES, TeacherStudentAdapter, augmentation_uncertainty, ema_update_
-from tta.adapters.cotta import views_per_forward
-from tta.augment import CottaAugment, is_grey_rgb, stack_views
+from tta.adapters.teacher import (
+    LOSSES,
+    AnchoredTeacherAdapter,
+    RestoringTeacherConfig,
+    augmentation_uncertainty,
+    ema_update_,
+)
 from tta.errors import ConfigError, DataNotFoundError, NoAdaptableLayerError
 from tta.layers import calibrated_layers, replace_batchnorms
 
 ADAPTER_PREFIXES = ("down_low", "up_low", "down_high", "up_high")
+#: the card artefact of warmed-up adapters (`tta warmup-adapters`), ``<card>.vida.safetensors``
+VIDA_SUFFIX = ".vida.safetensors"
 
 
 class _ViDABranches(nn.Module):
@@ -215,50 +221,43 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike[str]) -> None
 
 
 @dataclass
-class VidaConfig(OptimConfig):
-    """ViDA options; defaults are the CIFAR-10-C settings of the reference code.
+class VidaConfig(RestoringTeacherConfig):
+    """ViDA options; defaults are the CIFAR-10-C settings of the reference code (the teacher fields
+    are described in `tta.adapters.teacher`; here ``n_views`` 10, ``restore_prob`` 0.1, the reference
+    CIFAR code's hidden default, and ``views_memory_format`` contiguous).
 
     lr / adapter_lr: learning rates of the model and the adapter parameter groups (1e-4 / 1e-5).
     ema_momentum / adapter_ema_momentum: teacher EMA momenta (0.999 / 0.999).
     low_rank / high_rank: ranks of the two branches (1 / 128).
-    n_views: augmented teacher passes for the uncertainty (10).
     threshold: HKA uncertainty threshold (0.05).
-    ap: anchor-confidence threshold below which the view-averaged teacher is the target (0.92).
-    restore_prob: stochastic restore probability (0.1, the reference CIFAR code's hidden default).
-    loss: ``soft_ce`` (CIFAR) or ``symmetric_ce`` (ImageNet).
     hka: ``paper`` (both scales follow the uncertainty) or ``reference`` (the `elif` bug).
-    adapter_weights: safetensors file of warmed-up adapters (`tta warmup-adapters`); None = init.
+    adapter_weights: safetensors file of warmed-up adapters (`tta warmup-adapters`); None = init
+        (the CLI uses the card's ``<card>.vida.safetensors`` when it exists).
     targets: names of the attention Linear layers to inject.
-    views_per_forward: views per batched teacher forward (0 = auto: all on GPUs, 1 on CPUs).
     """
 
     lr: float = 1e-4
     adapter_lr: float = 1e-5
-    ema_momentum: float = 0.999
     adapter_ema_momentum: float = 0.999
     low_rank: int = 1
     high_rank: int = 128
-    n_views: int = 10
     threshold: float = 0.05
-    ap: float = 0.92
     restore_prob: float = 0.1
-    loss: Literal["soft_ce", "symmetric_ce"] = "soft_ce"
     hka: Literal["paper", "reference"] = "paper"
     adapter_weights: str | None = None
     targets: tuple[str, ...] = ("qkv", "proj")
-    views_per_forward: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cifar10": {"optimizer": "adam", "lr": 1e-4, "adapter_lr": 1e-5, "threshold": 0.05, "restore_prob": 0.1,
                     "loss": "soft_ce"},
         "cifar100": {"optimizer": "adam", "lr": 1e-4, "adapter_lr": 1e-5, "threshold": 0.05, "restore_prob": 0.1,
                      "loss": "soft_ce"},
-        "imagenet": {"optimizer": "sgd", "momentum": 0.9, "lr": 5e-7, "adapter_lr": 2e-7, "threshold": 0.2,
-                     "restore_prob": 0.0, "loss": "symmetric_ce"},
+        "imagenet": {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "lr": 5e-7, "adapter_lr": 2e-7,
+                     "threshold": 0.2, "restore_prob": 0.0, "loss": "symmetric_ce"},
     }
-
-    #: config keys a model card can supply (``--set ap=card``): the CoTTA threshold of the card
-    CARD_FIELDS: ClassVar[dict[str, str]] = {"ap": "cotta_threshold"}
+    MIN_VIEWS: ClassVar[int] = 2  # a variance across views
+    #: config keys filled with the card's file when unset (`tta.adapters.teacher.card_defaults`)
+    CARD_ARTIFACTS: ClassVar[dict[str, str]] = {"adapter_weights": VIDA_SUFFIX}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -266,21 +265,14 @@ class VidaConfig(OptimConfig):
             raise ConfigError(f"ranks must be >= 1, got low_rank={self.low_rank}, high_rank={self.high_rank}")
         if not self.adapter_lr > 0:
             raise ConfigError(f"adapter_lr must be > 0, got {self.adapter_lr}")
-        for key in ("ema_momentum", "adapter_ema_momentum", "restore_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        if self.n_views < 2:
-            raise ConfigError(f"n_views must be >= 2 (a variance across views), got {self.n_views}")
+        if not 0.0 <= self.adapter_ema_momentum <= 1.0:
+            raise ConfigError(f"adapter_ema_momentum must be in [0, 1], got {self.adapter_ema_momentum}")
         if self.hka not in ("paper", "reference"):
             raise ConfigError(f"hka must be 'paper' or 'reference', got {self.hka!r}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.views_per_forward < 0:
-            raise ConfigError(f"views_per_forward must be >= 0, got {self.views_per_forward}")
 
 
 @register_adapter("vida")
-class ViDA(TeacherStudentAdapter[VidaConfig]):
+class ViDA(AnchoredTeacherAdapter[VidaConfig]):
     """ViDA (Liu et al., ICLR 2024); see the module docstring."""
 
     Config = VidaConfig
@@ -297,9 +289,7 @@ class ViDA(TeacherStudentAdapter[VidaConfig]):
         names = set(adapter_parameter_names(self.model))
         self._adapter_names = [n for n, _ in self.model.named_parameters() if n in names]
         self._model_names = [n for n, _ in self.model.named_parameters() if n not in names]
-        self._build_copies()
-        self._teacher_bn = calibrated_layers(self.teacher)
-        self.augment = CottaAugment()
+        self.build_teacher()
 
     def collect_params(self) -> list[dict[str, Any]]:
         cfg = self.config
@@ -332,9 +322,11 @@ class ViDA(TeacherStudentAdapter[VidaConfig]):
         super()._after_move()
         self._bind_scales()
 
-    def update_teacher(self, momentum: float, reference: bool = False) -> None:
-        cfg = self.config
-        for (t, s), m in zip(self._ema_groups, (cfg.ema_momentum, cfg.adapter_ema_momentum)):
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA per optimizer group: ``ema_momentum`` for the model, ``adapter_ema_momentum`` for the
+        adapters (`momentum` is the model group's)."""
+        for (t, s), m in zip(self._ema_groups, (momentum, self.config.adapter_ema_momentum)):
             ema_update_(t, s, m)
 
     @torch.no_grad()
@@ -347,39 +339,15 @@ class ViDA(TeacherStudentAdapter[VidaConfig]):
         self._student_scales.copy_(scales)
         self._teacher_scales.copy_(scales)
 
-    @torch.no_grad()
-    def _view_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher logits on the augmented views: (V, B, K), batched with ghost BN for CNNs."""
-        cfg = self.config
-        param_gen, noise_gen = self.step_generators()
-        n = cfg.n_views
-        chunk = views_per_forward(cfg.views_per_forward, n, x.device)
-        params = self.augment.draw(n, tuple(x.shape[-2:]), param_gen)
-        grey = is_grey_rgb(x)  # once per batch, not per chunk of views
-        parts = []
-        for start in range(0, n, chunk):
-            k = min(chunk, n - start)
-            noise = self.augment.noise(k, x, noise_gen)
-            views = self.augment.apply(x, params.views(start, start + k), noise, grey)
-            for layer in self._teacher_bn:
-                layer.ghost_groups = k
-            try:
-                parts.append(self.teacher(stack_views(views)).view(k, x.shape[0], -1))
-            finally:
-                for layer in self._teacher_bn:
-                    layer.ghost_groups = 1
-        return torch.cat(parts)
-
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        view_logits = self._view_logits(x)
+        view_logits = self.view_logits(x, self.step_generators())
         self._set_scales(augmentation_uncertainty(view_logits))
         with torch.no_grad():
-            confidence = float(self.anchor(x).softmax(1).amax(1).mean())
+            use_aug = self.anchor_confidence(x) < cfg.ap
             teacher = self.teacher(x)
-            target = view_logits.mean(0) if confidence < cfg.ap else teacher
-        key = "aug_target" if confidence < cfg.ap else "clean_target"
-        self.counters[key] = self.counters.get(key, 0) + 1
+            target = view_logits.mean(0) if use_aug else teacher
+        self._count(**{"aug_target" if use_aug else "clean_target": 1})
         student = self.model(x)
         self.apply_loss(LOSSES[cfg.loss](student, target))
         self.update_teacher(cfg.ema_momentum)

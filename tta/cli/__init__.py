@@ -15,7 +15,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: tuple[str, ...] = ("run", "bench", "matrix", "tune", "list_cmd", "train_source", "make_c", "export", "memory",
-                                 "warmup", "ccc", "serve")
+                                 "warmup", "fisher", "prototypes", "ccc", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from tta.cli.checks import check_out_file, check_positive
-from tta.errors import DataNotFoundError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,18 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _source_split(dataset: str | None, data_dir: str | None):
-    """(uint8 NCHW images, int64 labels) of the card's source training split."""
-    import torch
+    """(uint8 NCHW images, int64 labels) of the card's source training split (`tta.streams.source`)."""
+    from tta.streams.source import source_split
 
-    if dataset in ("fashion-mnist", "fmnist", "fashion_mnist"):
-        from tta.streams.fashion_mnist import load_fashion_mnist
-
-        images, labels = load_fashion_mnist("train", data_dir)
-        return torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels)
-    raise DataNotFoundError(
-        f"no source-split loader for dataset {dataset!r} (available: fashion-mnist); build the memory with "
-        "tta.adapters.adanpc.build_source_memory(model, images, labels) and save_memory(...)"
-    )
+    return source_split(dataset, data_dir)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -175,7 +175,8 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 def card_defaults(adapter: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Config values that follow from the model card unless set explicitly: an adapter with a
     ``memory`` field (AdaNPC) uses the card's memory file (``<card>.memory.safetensors``, found by
-    `ModelCard.artifact_path` whether the card was named or given as a path)."""
+    `ModelCard.artifact_path` whether the card was named or given as a path), one with a ``fisher``
+    field (EATA) the card's Fisher file (``<card>.fisher.safetensors``, the same way)."""
     from tta.adapters import get_adapter_class
     from tta.adapters.adanpc import MEMORY_SUFFIX
     from tta.adapters.teacher import card_defaults as teacher_card_defaults
@@ -194,6 +195,19 @@ def card_defaults(adapter: str, overrides: dict[str, Any], args: argparse.Namesp
                 "or pass --set memory=PATH"
             )
         return {**overrides, "memory": str(memory)}
+    if "fisher" in get_adapter_class(adapter).Config.field_names() and overrides.get("fisher") is None:
+        from tta.adapters.eata import FISHER_SUFFIX
+
+        card = get_card(model_name(args))
+        fisher = card.artifact_path(FISHER_SUFFIX)
+        if fisher is not None:
+            return {**overrides, "fisher": str(fisher)}
+        if overrides.get("fisher_alpha", 1.0) > 0:
+            raise ConfigError(
+                f"{adapter} needs the Fisher information of card {card.name} ({card.name}{FISHER_SUFFIX}, looked for "
+                f"at {card.artifact_output_path(FISHER_SUFFIX)}): build it with `tta build-fisher --model "
+                f"{model_name(args)}`, pass --set fisher=PATH, or use eta (--set fisher_alpha=0)"
+            )
     return overrides
 
 

@@ -18,13 +18,11 @@ from pathlib import Path
 from tta.cli.checks import check_out_file, check_positive
 from tta.errors import ConfigError
 
-VIDA_SUFFIX = ".vida.safetensors"
-
 
 def warmup(args: argparse.Namespace) -> int:
     import torch
 
-    from tta.adapters.vida import save_adapter_weights, warmup_adapters
+    from tta.adapters.vida import VIDA_SUFFIX, save_adapter_weights, warmup_adapters
     from tta.models import get_card, load
     from tta.streams.fashion_mnist import load_fashion_mnist
 

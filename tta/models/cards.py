@@ -88,21 +88,6 @@ class ModelCard:
 
         return artifact_output_path(self.name, self.path, suffix)
 
-    def artifact_path(self, suffix: str) -> Path | None:
-        """The existing file ``<name><suffix>`` generated for this card (e.g. ``".memory.safetensors"``),
-        or None. Looked for where `artifact_output_path` writes it first, then beside the card / in the
-        per-user ``models`` folder (`tta.paths`)."""
-        from tta.paths import find_artifact
-
-        return find_artifact(self.name, self.path, suffix)
-
-    def artifact_output_path(self, suffix: str) -> Path:
-        """Where to write ``<name><suffix>`` for this card: beside the card when the card is the user's
-        own and its folder writable, else the per-user ``models`` folder; never inside the package."""
-        from tta.paths import artifact_output_path
-
-        return artifact_output_path(self.name, self.path, suffix)
-
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
         out["input_size"] = list(self.input_size)
