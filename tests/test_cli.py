@@ -239,9 +239,11 @@ def test_memory_adapters_default_to_the_cards_memory(toy, tmp_path, capsys, monk
     assert card_defaults("adanpc", {"memory": "x.safetensors"}, argparse.Namespace(model="r20")) == {
         "memory": "x.safetensors"}
     assert card_defaults("tent", {"lr": 0.1}, argparse.Namespace(model="r20")) == {"lr": 0.1}
-    # end to end with the real model given as a path (the toy stream stands in for the data)
+    # end to end with the real model given as a path (the toy stream's 8x8 images stand in for the data,
+    # so the card's declared 32x32 input size is overridden)
     monkeypatch.setattr(tta.models, "load", tta.models.cards.load)
-    assert main(["run", "--adapter", "adanpc", "--model", str(card_yaml), "--no-progress", "--set", "k=5"]) == 0
+    assert main(["run", "--adapter", "adanpc", "--model", str(card_yaml), "--no-progress", "--set", "k=5",
+                 "--set", "input_size=8,8"]) == 0
 
 
 def test_meta_records_version_commit_and_the_log(toy, tmp_path, capsys):

@@ -133,6 +133,34 @@ def test_adapter_state_round_trip_between_gpu_and_cpu(tmp_path):
     torch.testing.assert_close(copy.deepcopy(cpu)(x), gpu(x.cuda()).cpu(), atol=2e-3, rtol=2e-3)
 
 
+def count_syncs(fn) -> int:
+    """Host-device synchronisations `fn` makes (torch.cuda sync debug mode, one warning each)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_input_checks_make_no_host_sync_and_steps_one():
+    """The batch checks read metadata and reduce on the device (no sync); the verdict is read once per
+    batch, at the step's own sync (bn: after the forward; tent: with the finite-loss check)."""
+    from tta.adapters.inputs import value_verdict
+
+    x = grey_batches(n=1)[0].cuda()
+    for name in ("bn", "tent"):
+        adapter = adapter_on("cuda", name)
+        adapter(x)  # first call: lazy initialisation (optimizer state, kernels) out of the count
+        assert count_syncs(lambda: (adapter.validate_batch(x), value_verdict(x, adapter.input_range))) == 0
+        assert count_syncs(lambda: adapter(x)) == 1, name
+
+
 # Margins loose enough that the selection rules pick samples on these synthetic batches.
 ENTROPY_FAMILY = {
     "eata": {"margin_e0": 0.9, "d_margin": 1.5},

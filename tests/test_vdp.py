@@ -54,8 +54,10 @@ def test_prompt_geometry_defaults():
     assert not torch.any(p.frame_mask * p.patch_mask)
     with pytest.raises(ConfigError):
         VisualPrompt(3, (16, 16), frame_width=8, patch_size=2, num_patches=4, scale=0.1)
-    with pytest.raises(InvalidInputError, match="image_size"):
+    with pytest.raises(InvalidInputError, match="takes 16x16 images"):
         adapter(torch.rand(4, 3, 20, 20))
+    with pytest.raises(InvalidInputError, match="image_size"):  # the prompts' own check
+        adapter.prompt(torch.rand(4, 3, 20, 20))
 
 
 def test_homeostasis_scales_the_agnostic_update_by_importance():

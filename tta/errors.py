@@ -11,8 +11,17 @@ class InvalidInputError(TTAError, ValueError):
     """A batch handed to an adapter is malformed (rank, shape, dtype, empty...)."""
 
 
-class NonFiniteInputError(InvalidInputError):
+class InputValueError(InvalidInputError):
+    """A batch's values are unusable (non-finite or outside the model's input range); the adapter
+    did not adapt on it and its state is unchanged."""
+
+
+class NonFiniteInputError(InputValueError):
     """A batch contains NaN or Inf values; the adapter did not adapt on it."""
+
+
+class InputRangeError(InputValueError):
+    """A batch has values outside the input range the model declares (e.g. [0, 255] for [0, 1])."""
 
 
 class BatchTooSmallError(InvalidInputError):

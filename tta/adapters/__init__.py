@@ -2,6 +2,7 @@
 
 from tta.adapters.base import Adapter, save_state
 from tta.adapters.config import AdapterConfig, OptimConfig
+from tta.adapters.inputs import declare_input
 from tta.adapters.registry import adapt, adapter_config, get_adapter_class, list_adapters, register_adapter
 
 # Importing a method module registers it.
@@ -14,6 +15,7 @@ __all__ = [
     "OptimConfig",
     "adapt",
     "adapter_config",
+    "declare_input",
     "get_adapter_class",
     "list_adapters",
     "register_adapter",

@@ -26,6 +26,7 @@ memory is always built with source statistics.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,7 @@ from tta import ops
 from tta.adapters.base import Adapter
 from tta.adapters.config import AdapterConfig
 from tta.adapters.registry import register_adapter
-from tta.errors import ConfigError, DataNotFoundError, InvalidInputError, NoAdaptableLayerError
+from tta.errors import ConfigError, DataNotFoundError, InvalidInputError, NoAdaptableLayerError, StateMismatchError
 from tta.layers import has_batchnorm, replace_batchnorms, source_statistics
 
 MEMORY_FORMAT = "tta-adanpc-memory/1"
@@ -233,6 +234,30 @@ class KnnMemory:
         self.next_stamp = int(state["next_stamp"])
 
 
+def check_memory_state(state: Any, memory: KnnMemory | None, capacity: int | None) -> None:
+    """Validate a saved memory (`KnnMemory.state()`) before it replaces `memory`; raise InvalidInputError."""
+    keys = ("features", "labels", "stamps", "num_source", "next_stamp", "num_classes")
+    if not isinstance(state, Mapping) or any(k not in state for k in keys):
+        raise InvalidInputError(f"the AdaNPC memory entry must hold {', '.join(keys)}")
+    feats, labels, stamps = state["features"], state["labels"], state["stamps"]
+    if not all(isinstance(t, torch.Tensor) for t in (feats, labels, stamps)):
+        raise InvalidInputError("the AdaNPC memory's features, labels and stamps must be tensors")
+    counts = [state[k] for k in ("num_source", "next_stamp", "num_classes")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+        raise InvalidInputError(f"the AdaNPC memory's num_source/next_stamp/num_classes must be integers >= 0, got {counts}")
+    num_source, _, num_classes = counts
+    validate_memory(feats, labels, num_classes)
+    size = feats.shape[0]
+    if stamps.shape != (size,) or stamps.dtype != torch.int64 or not 1 <= num_source <= size:
+        raise InvalidInputError(f"the AdaNPC memory holds {size} rows but {tuple(stamps.shape)} stamps and "
+                                f"{num_source} source rows")
+    if memory is not None and (feats.shape[1] != memory.dim or num_classes != memory.num_classes):
+        raise InvalidInputError(f"the AdaNPC memory has {feats.shape[1]}-dim rows over {num_classes} classes; this "
+                                f"adapter's has {memory.dim}-dim rows over {memory.num_classes}")
+    if capacity is not None and size > capacity:
+        raise InvalidInputError(f"the AdaNPC memory holds {size} rows, over the capacity {capacity}")
+
+
 def _class_balanced_keep(labels: torch.Tensor, stamps: torch.Tensor, budget: int, num_classes: int) -> torch.Tensor:
     """Keep `budget` entries: classes are cut from the largest down (water-filling), each class
     keeping its newest entries. Equivalent to evicting, one at a time, the oldest entry of the
@@ -346,7 +371,7 @@ def build_source_memory(model: nn.Module, images: torch.Tensor, labels: torch.Te
 
 # ---------------------------------------------------------------------- the adapter
 @register_adapter("adanpc")
-class AdaNPC(Adapter):
+class AdaNPC(Adapter[AdaNPCConfig]):
     """AdaNPC: kNN vote over a source+test feature memory; returns probabilities (see module doc)."""
 
     Config = AdaNPCConfig
@@ -365,7 +390,7 @@ class AdaNPC(Adapter):
             self.set_source_memory(features, labels, num_classes)
 
     def configure_model(self) -> None:
-        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         self.model.eval()
         self.model.requires_grad_(False)
         if cfg.norm != "source":
@@ -375,10 +400,11 @@ class AdaNPC(Adapter):
 
     def set_source_memory(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
         """Install the source part of the memory (rows are L2-normalised here); drops test entries."""
-        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         dtype = torch.float16 if cfg.storage_dtype == "float16" else torch.float32
-        self.memory = KnnMemory(features.to(self.device), labels.to(self.device), num_classes, cfg.capacity,
-                                cfg.class_balanced, dtype)
+        with torch.inference_mode(False):  # the memory grows in place: no inference tensors
+            self.memory = KnnMemory(features.to(self.device), labels.to(self.device), num_classes, cfg.capacity,
+                                    cfg.class_balanced, dtype)
 
     def _require_memory(self) -> KnnMemory:
         if self.memory is None:
@@ -393,7 +419,7 @@ class AdaNPC(Adapter):
     def _vote(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from tta.models.features import extract_features
 
-        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         memory = self._require_memory()
         feats = F.normalize(extract_features(self.model, x, cfg.feature_layer).float(), dim=1)
         if feats.shape[1] != memory.dim:
@@ -407,7 +433,7 @@ class AdaNPC(Adapter):
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        cfg: AdaNPCConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         feats, probs = self._vote(x)
         confidence, pseudo = probs.max(dim=1)
         if cfg.softmax_confidence:
@@ -426,10 +452,25 @@ class AdaNPC(Adapter):
         if self.memory is not None:
             self.memory.truncate()
 
+    def _after_move(self) -> None:
+        super()._after_move()
+        if self.memory is not None:
+            self.memory.to(self.device)
+
     def get_extra_state(self) -> dict[str, Any]:
         state = super().get_extra_state()
         state["memory"] = self.memory.state() if self.memory is not None else None
         return state
+
+    def check_extra_state(self, extra: Mapping[str, Any], where: str) -> None:
+        super().check_extra_state(extra, where)
+        mem = extra.get("memory")
+        if mem is None:
+            return
+        try:
+            check_memory_state(mem, self.memory, self.config.capacity)
+        except InvalidInputError as exc:
+            raise StateMismatchError(f"{where}: {exc}") from None
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)

@@ -8,6 +8,7 @@ a preset keep the paper defaults written in the dataclass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, get_args, get_origin
@@ -30,22 +31,45 @@ class AdapterConfig:
         ``"raise"`` raises `BatchTooSmallError`.
     seed: seed of the adapter's own random generators (augmentations, restore masks); None draws
         the seed from torch's global generator at construction.
+    input_size: (H, W) every batch must have; None = what the model declares (a card's input size,
+        a fixed-size patch embedding), else any size (`tta.adapters.inputs`).
+    input_range: (lo, hi) every input value must lie in (may be infinite); None = what the model
+        declares (card models: [0, 1]), else any finite value.
+
+    Every float field must be finite (``input_range`` excepted): ``lr=inf`` is refused, not run.
     """
 
     steps: int = 1
     episodic: bool = False
     small_batch: Literal["source", "raise"] = "source"
     seed: int | None = None
+    input_size: tuple[int, int] | None = None
+    input_range: tuple[float, float] | None = None
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     #: config keys a model card can supply on the CLI (``key=card``): config key -> card attribute
     CARD_FIELDS: ClassVar[dict[str, str]] = {}
 
+    #: float fields allowed to be infinite (bounds)
+    UNBOUNDED: ClassVar[frozenset[str]] = frozenset({"input_range"})
+
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and f.name not in self.UNBOUNDED))
+                   for v in values):
+                raise ConfigError(f"{f.name} must be finite, got {value!r}")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.small_batch not in ("source", "raise"):
             raise ConfigError(f"small_batch must be 'source' or 'raise', got {self.small_batch!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63) or None, got {self.seed}")
+        if self.input_size is not None and (len(self.input_size) != 2 or min(self.input_size) < 1):
+            raise ConfigError(f"input_size must be (H, W) with positive sides or None, got {self.input_size!r}")
+        if self.input_range is not None and (len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]):
+            raise ConfigError(f"input_range must be (lo, hi) with lo < hi or None, got {self.input_range!r}")
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -80,7 +104,8 @@ class AdapterConfig:
         """Parse CLI ``key=value`` strings into typed values (unknown keys raise `ConfigError`).
 
         ``key=card`` for a key in `CARD_FIELDS` is kept as the marker `CARD`; the CLI replaces it
-        with the model card's value once the card is known.
+        with the model card's value once the card is known. The values are validated here (a trial
+        `build`), so a bad value fails before any data is loaded.
         """
         hints = typing.get_type_hints(cls)
         out: dict[str, Any] = {}
@@ -103,6 +128,7 @@ class AdapterConfig:
                 out[key] = CARD
                 continue
             out[key] = _parse_string(key, hints[key], raw.strip())
+        cls.build(**{k: v for k, v in out.items() if v != CARD})
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,11 +151,21 @@ class OptimConfig(AdapterConfig):
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # every float finite
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ConfigError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two values in [0, 1), got {self.betas!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.dampening <= 1.0:
+            raise ConfigError(f"dampening must be in [0, 1], got {self.dampening}")
+        if not self.weight_decay >= 0.0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.nesterov and self.optimizer == "sgd" and (self.momentum == 0.0 or self.dampening != 0.0):
+            raise ConfigError("nesterov needs momentum > 0 and dampening 0")
 
 
 def _parse_string(key: str, tp: Any, raw: str) -> Any:
@@ -190,7 +226,12 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (tuple, list)):
             raise ConfigError(f"{key}: expected a tuple, got {value!r}")
-        return tuple(value)
+        if not args:
+            return tuple(value)
+        types = (args[0],) * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(types) != len(value):
+            raise ConfigError(f"{key}: expected {len(types)} values, got {value!r}")
+        return tuple(_coerce(key, t, v) for t, v in zip(types, value))
     return value
 
 

@@ -117,7 +117,7 @@ class CottaConfig(OptimConfig):
 
 
 @register_adapter("cotta")
-class CoTTA(TeacherStudentAdapter):
+class CoTTA(TeacherStudentAdapter[CottaConfig]):
     """CoTTA (Wang et al., CVPR 2022); see the module docstring for the algorithm and the paths."""
 
     Config = CottaConfig
@@ -133,7 +133,7 @@ class CoTTA(TeacherStudentAdapter):
             p.requires_grad_(True)
         if not self._trainable:
             raise ConfigError(f"cotta: the model ({type(self.model).__name__}) has no weight/bias to train")
-        self.uses_batch_stats = bool(calibrated_layers(self.model))  # type: ignore[misc]
+        self.uses_batch_stats = bool(calibrated_layers(self.model))
         self._build_copies()
         self._teacher_bn = calibrated_layers(self.teacher)
         self.augment = CottaAugment()
@@ -147,7 +147,7 @@ class CoTTA(TeacherStudentAdapter):
         return self.counters.get("aug_skipped", 0) / done if done else 0.0
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        cfg: CottaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         param_gen, noise_gen = self.step_generators()
         if cfg.reference_mode:
             student = self.model(x)  # the original order: student, anchor, teacher
@@ -176,7 +176,7 @@ class CoTTA(TeacherStudentAdapter):
 
     def _augmented_teacher(self, x: torch.Tensor, param_gen: torch.Generator, noise_gen: torch.Generator) -> torch.Tensor:
         """Mean teacher logits over the views, `views_per_forward` views per ghost-BN forward."""
-        cfg: CottaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         n = cfg.n_views
         chunk = views_per_forward(cfg.views_per_forward, n, x.device)
         channels_last = views_channels_last(cfg.views_memory_format, x)
@@ -206,7 +206,7 @@ class CoTTA(TeacherStudentAdapter):
         self, x: torch.Tensor, param_gen: torch.Generator, noise_gen: torch.Generator
     ) -> torch.Tensor:
         """The original loop: one augmentation and one teacher forward per view, then the mean."""
-        cfg: CottaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         params = self.augment.draw(cfg.n_views, tuple(x.shape[-2:]), param_gen)
         outputs = []
         for i in range(cfg.n_views):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -14,8 +15,10 @@ from tta.layers import has_batchnorm, replace_batchnorms
 
 
 @register_adapter("source")
-class Source(Adapter):
+class Source(Adapter[AdapterConfig]):
     """The frozen source model in eval mode: the baseline every table starts with."""
+
+    value_check = "after_forward"  # keeps no state between batches
 
     def configure_model(self) -> None:
         self.model.eval()
@@ -43,10 +46,17 @@ class AlphaBNConfig(AdapterConfig):
             raise ConfigError(f"source_weight must be in [0, 1], got {self.source_weight}")
 
 
-class _BatchStatsAdapter(Adapter):
-    """Shared set-up: every BatchNorm normalises with (mixed) test-batch statistics; no training."""
+BC = TypeVar("BC", bound=AdapterConfig)
+
+
+class _BatchStatsAdapter(Adapter[BC]):
+    """Shared set-up: every BatchNorm normalises with (mixed) test-batch statistics; no training.
+
+    Nothing persists between batches, so the value check is read after the forward is queued.
+    """
 
     uses_batch_stats = True
+    value_check = "after_forward"
 
     def _source_weight(self) -> float:
         return 0.0
@@ -67,7 +77,7 @@ class _BatchStatsAdapter(Adapter):
 
 
 @register_adapter("bn")
-class BN(_BatchStatsAdapter):
+class BN(_BatchStatsAdapter[AdapterConfig]):
     """Test-time normalisation ("BN-1", Schneider et al. 2020; Nado et al. 2020).
 
     Every BatchNorm layer normalises with the statistics of the current test batch; nothing is
@@ -77,7 +87,7 @@ class BN(_BatchStatsAdapter):
 
 
 @register_adapter("alpha-bn")
-class AlphaBN(_BatchStatsAdapter):
+class AlphaBN(_BatchStatsAdapter[AlphaBNConfig]):
     """alpha-BN (You, Li, Zhao 2021): normalise with a*source + (1-a)*batch statistics.
 
     ``source_weight=1`` is the source model, ``source_weight=0`` is the BN adapter. Stateless per
@@ -87,4 +97,4 @@ class AlphaBN(_BatchStatsAdapter):
     Config = AlphaBNConfig
 
     def _source_weight(self) -> float:
-        return self.config.source_weight  # type: ignore[attr-defined]
+        return self.config.source_weight

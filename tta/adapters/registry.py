@@ -65,14 +65,17 @@ def adapter_config(name: str, preset: str | None = None, **overrides: Any):
     return get_adapter_class(name).Config.build(preset=preset, **overrides)
 
 
-def adapt(model: nn.Module, name: str, preset: str | None = None, **config: Any) -> "Adapter":
+def adapt(model: nn.Module, name: str, preset: str | None = None, *, inplace: bool = False,
+          **config: Any) -> "Adapter":
     """Wrap `model` in adapter `name`; returns the adapted `nn.Module` (predict-and-adapt forward).
 
     `preset` selects dataset defaults from the papers (``cifar10``, ``cifar100``, ``imagenet``);
     keyword arguments override single config fields (unknown keys raise `ConfigError`).
-    The model is modified in place (layers swapped, requires_grad set): pass a copy to keep the
-    original untouched.
+    `model` itself is left untouched: the adapter works on a copy made once, here. ``inplace=True``
+    adapts `model` itself (layers swapped, requires_grad set) and saves that copy's memory.
     """
+    from tta.adapters.base import copy_model
+
     cls = get_adapter_class(name)
     cfg = cls.Config.build(preset=preset, **config)
-    return cls(model, cfg)
+    return cls(model if inplace else copy_model(model, cls.name), cfg)

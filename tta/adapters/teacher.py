@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from tta.adapters.config import CARD
+from tta.adapters.config import CARD, OptimConfig
 from tta.adapters.base import Adapter
 from tta.errors import ConfigError
+
+OC = TypeVar("OC", bound=OptimConfig)
 
 
 # ---------------------------------------------------------------------- EMA
@@ -147,7 +149,7 @@ def card_defaults(config_cls: type, overrides: dict[str, Any], card_name: str) -
 
 
 # ---------------------------------------------------------------------- base class
-class TeacherStudentAdapter(Adapter):
+class TeacherStudentAdapter(Adapter[OC]):
     """Student (`self.model`, trained) + EMA teacher + frozen source copy (`self.anchor`).
 
     Subclasses call `self._build_copies()` at the end of `configure_model()` (after swapping layers
@@ -157,12 +159,19 @@ class TeacherStudentAdapter(Adapter):
 
     uses_batch_stats = True
 
-    def __init__(self, model: nn.Module, config: Any = None) -> None:
+    def __init__(self, model: nn.Module, config: OC | None = None) -> None:
         super().__init__(model, config)
         # The source snapshot of the base class duplicated the anchor; point it at the anchor.
-        anchor_state = self.anchor.state_dict(keep_vars=True)
-        self._source_state = {k: anchor_state[k] for k in self._source_state}
+        self._source_state = self._realigned_source_state()
         self._bind_pairs()
+
+    def _realigned_source_state(self) -> dict[str, torch.Tensor]:
+        # The anchor's own tensors (after `.to()`, `_apply` has replaced its buffers with moved copies).
+        anchor_state = self.anchor.state_dict(keep_vars=True)
+        return {k: anchor_state[k] for k in self._source_state}
+
+    def adapted_parameters(self) -> list[torch.Tensor]:
+        return super().adapted_parameters() + list(self._teacher_params)
 
     def _build_copies(self) -> None:
         self.teacher = frozen_copy(self.model)

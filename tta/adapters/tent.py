@@ -27,15 +27,18 @@ class TentConfig(OptimConfig):
 
 
 @register_adapter("tent")
-class Tent(NormAffineAdapter):
+class Tent(NormAffineAdapter[TentConfig]):
     """Entropy minimisation of the batch predictions; trains only normalisation affine params.
 
     BatchNorm layers normalise with test-batch statistics (source copy kept for reset);
     LayerNorm/GroupNorm affine parameters are trained too. The model stays in eval mode otherwise
     (no dropout or stochastic depth). The returned prediction is the one computed before the update.
+    The step changes nothing before its update, so the batch's value check rides on the
+    finite-loss read (no sync of its own).
     """
 
     Config = TentConfig
+    value_check = "with_loss"
 
     def loss(self, outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return softmax_entropy(outputs).mean()

@@ -44,6 +44,7 @@ from torch import nn
 
 from tta.adapters.base import Adapter
 from tta.adapters.config import OptimConfig
+from tta.adapters.inputs import model_dtype
 from tta.adapters.registry import register_adapter
 from tta.adapters.teacher import LOSSES, ema_update_
 from tta.augment import CottaAugment, stack_views
@@ -112,8 +113,8 @@ class PromptedModel(nn.Module):
 class VdpConfig(OptimConfig):
     """VDP options (defaults documented in the module docstring).
 
-    image_size: prompt height/width; 0 = the model's own (timm ``img_size``/``pretrained_cfg``),
-        else 32.
+    image_size: prompt height/width; 0 = the adapter's input size (``input_size``, or what the model
+        declares: card, timm ``img_size``/``pretrained_cfg``), else 32.
     frame_width / patch_size: prompt geometry in pixels; 0 = side / 16 (>= 1) and side / 8 (>= 1).
     num_patches: domain-specific corner patches (4). scale: prompt scale (0.1).
     ema_momentum: teacher prompt EMA (0.999). homeostasis: suppression strength lambda (1.0; 0 = off).
@@ -172,22 +173,28 @@ def model_image_size(model: nn.Module) -> int | None:
 
 
 @register_adapter("vdp")
-class VDP(Adapter):
+class VDP(Adapter[VdpConfig]):
     """VDP (Gan et al., AAAI 2023): frozen model, learned additive image prompts; see the module docstring."""
 
     Config = VdpConfig
 
     def configure_model(self) -> None:
-        cfg: VdpConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         self.model.eval()
         self.model.requires_grad_(False)
-        side = cfg.image_size or model_image_size(self.model) or 32
+        if cfg.image_size:
+            size = (cfg.image_size, cfg.image_size)
+        else:
+            declared = model_image_size(self.model)
+            size = self.input_size or ((declared, declared) if declared else (32, 32))
+        self.input_size = size  # the prompts fit this size only: the batch check enforces it
+        side = min(size)
         channels = self.in_channels or 3
         frame = cfg.frame_width or max(1, side // 16)
         patch = cfg.patch_size or max(1, side // 8)
-        device = self.device
-        self.prompt = VisualPrompt(channels, (side, side), frame, patch, cfg.num_patches, cfg.scale).to(device)
-        self.teacher_prompt = VisualPrompt(channels, (side, side), frame, patch, cfg.num_patches, cfg.scale).to(device)
+        to = {"device": self.device, "dtype": model_dtype(self.model) or torch.float32}
+        self.prompt = VisualPrompt(channels, size, frame, patch, cfg.num_patches, cfg.scale).to(**to)
+        self.teacher_prompt = VisualPrompt(channels, size, frame, patch, cfg.num_patches, cfg.scale).to(**to)
         self.teacher_prompt.requires_grad_(False)
         self.register_buffer("importance", torch.zeros_like(self.prompt.agnostic))
         self.augment = CottaAugment()
@@ -196,6 +203,9 @@ class VDP(Adapter):
 
     def collect_params(self) -> list[nn.Parameter]:
         return [self.prompt.agnostic, self.prompt.specific]
+
+    def adapted_parameters(self) -> list[torch.Tensor]:
+        return super().adapted_parameters() + [self.teacher_prompt.agnostic, self.teacher_prompt.specific]
 
     def prediction_model(self) -> nn.Module:
         return self.__dict__["_teacher"]
@@ -214,7 +224,7 @@ class VDP(Adapter):
         return cpu, (cpu if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(seed))
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        cfg: VdpConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         teacher_model = self.__dict__["_teacher"]
         self.prompt.check(x)
         with torch.no_grad():
@@ -229,26 +239,21 @@ class VDP(Adapter):
         key = "aug_target" if uncertain else "clean_target"
         self.counters[key] = self.counters.get(key, 0) + 1
         student = self.__dict__["_student"](x)
-        self._homeostatic_step(LOSSES[cfg.loss](student, target))
+        self.apply_loss(LOSSES[cfg.loss](student, target))
         ema_update_([self.teacher_prompt.agnostic, self.teacher_prompt.specific],
                     [self.prompt.agnostic, self.prompt.specific], cfg.ema_momentum)
         return teacher
 
-    def _homeostatic_step(self, loss: torch.Tensor) -> None:
-        """backward; importance <- running mean of g^2; step; shrink the agnostic prompt's update."""
-        cfg: VdpConfig = self.config  # type: ignore[assignment]
+    def optimizer_step(self) -> None:
+        """Homeostatic step: importance <- running mean of g^2; step; shrink the agnostic prompt's update."""
+        cfg = self.config
         assert self.optimizer is not None
-        if not bool(torch.isfinite(loss)):
-            self.counters["skipped_nonfinite_loss"] += 1
-            return
-        loss.backward()
         agn = self.prompt.agnostic
         with torch.no_grad():
             if agn.grad is not None:
                 self.importance.mul_(cfg.importance_decay).addcmul_(agn.grad, agn.grad, value=1 - cfg.importance_decay)
             before = agn.detach().clone()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if cfg.homeostasis > 0:
             with torch.no_grad():
                 mask = self.prompt.frame_mask.expand_as(agn) > 0

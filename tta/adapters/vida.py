@@ -280,20 +280,20 @@ class VidaConfig(OptimConfig):
 
 
 @register_adapter("vida")
-class ViDA(TeacherStudentAdapter):
+class ViDA(TeacherStudentAdapter[VidaConfig]):
     """ViDA (Liu et al., ICLR 2024); see the module docstring."""
 
     Config = VidaConfig
 
     def configure_model(self) -> None:
-        cfg: VidaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         self.model.eval()
         replace_batchnorms(self.model, 0.0)
-        self._layers = inject_adapters(self.model, cfg.low_rank, cfg.high_rank, tuple(cfg.targets), seed=self._seed)
+        inject_adapters(self.model, cfg.low_rank, cfg.high_rank, tuple(cfg.targets), seed=self._seed)
         if cfg.adapter_weights:
             load_adapter_weights(self.model, cfg.adapter_weights)
         self.model.requires_grad_(True)
-        self.uses_batch_stats = bool(calibrated_layers(self.model))  # type: ignore[misc]
+        self.uses_batch_stats = bool(calibrated_layers(self.model))
         names = set(adapter_parameter_names(self.model))
         self._adapter_names = [n for n, _ in self.model.named_parameters() if n in names]
         self._model_names = [n for n, _ in self.model.named_parameters() if n not in names]
@@ -302,7 +302,7 @@ class ViDA(TeacherStudentAdapter):
         self.augment = CottaAugment()
 
     def collect_params(self) -> list[dict[str, Any]]:
-        cfg: VidaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         params = dict(self.model.named_parameters())
         return [
             {"params": [params[n] for n in self._model_names], "lr": cfg.lr},
@@ -316,17 +316,30 @@ class ViDA(TeacherStudentAdapter):
             ([teacher[n] for n in names], [student[n] for n in names])
             for names in (self._model_names, self._adapter_names)
         ]
-        self._student_scales = self._layers[0].scales
-        self._teacher_scales = next(m for m in self.teacher.modules() if isinstance(m, _ViDABranches)).scales
+        self._bind_scales()
+
+    def _bind_scales(self) -> None:
+        """One HKA scales tensor per model, shared by all its injected layers (student, teacher)."""
+        student = [m for m in self.model.modules() if isinstance(m, _ViDABranches)]
+        teacher = [m for m in self.teacher.modules() if isinstance(m, _ViDABranches)]
+        for layers in (student, teacher):
+            for layer in layers[1:]:
+                layer.scales = layers[0].scales  # `.to()` moves each layer's buffer separately
+        self._student_scales = student[0].scales
+        self._teacher_scales = teacher[0].scales
+
+    def _after_move(self) -> None:
+        super()._after_move()
+        self._bind_scales()
 
     def update_teacher(self, momentum: float, reference: bool = False) -> None:
-        cfg: VidaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         for (t, s), m in zip(self._ema_groups, (cfg.ema_momentum, cfg.adapter_ema_momentum)):
             ema_update_(t, s, m)
 
     @torch.no_grad()
     def _set_scales(self, u: torch.Tensor) -> None:
-        cfg: VidaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         high_domain = u >= cfg.threshold
         low = torch.where(high_domain, 1 - u, 1 + u)
         high = torch.where(high_domain, 1 + u, 1 - u) if cfg.hka == "paper" else self._student_scales[1]
@@ -337,7 +350,7 @@ class ViDA(TeacherStudentAdapter):
     @torch.no_grad()
     def _view_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits on the augmented views: (V, B, K), batched with ghost BN for CNNs."""
-        cfg: VidaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         param_gen, noise_gen = self.step_generators()
         n = cfg.n_views
         chunk = views_per_forward(cfg.views_per_forward, n, x.device)
@@ -358,7 +371,7 @@ class ViDA(TeacherStudentAdapter):
         return torch.cat(parts)
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        cfg: VidaConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         view_logits = self._view_logits(x)
         self._set_scales(augmentation_uncertainty(view_logits))
         with torch.no_grad():

@@ -20,8 +20,11 @@ class RunResult:
     images_per_s: images processed per second of wall time of the loop (data waits included).
     latency_ms_p50/p95: per-batch predict-and-adapt time (host-synchronised).
     steps: adaptation steps taken (`adapter.counters["steps"]` during the run).
-    skipped_batches/skipped_images: batches rejected for NaN/Inf input (not adapted on).
+    skipped_batches/skipped_images: batches rejected for their values (NaN/Inf, or outside the
+        model's input range; not adapted on).
     small_batches: batches predicted without adapting by the small-batch policy.
+    skipped_nonfinite_loss: steps whose loss was non-finite (not applied).
+    nonfinite_param_resets: resets to the source state after an update left non-finite parameters.
     resets: resets made by the reset policy.
     predictions: predicted class per image (-1 for skipped batches) when kept, else None.
     """
@@ -42,6 +45,7 @@ class RunResult:
     skipped_batches: int = 0
     skipped_images: int = 0
     skipped_nonfinite_loss: int = 0
+    nonfinite_param_resets: int = 0
     resets: int = 0
     device: str = "cpu"
     amp: str | None = None

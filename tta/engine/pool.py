@@ -11,7 +11,7 @@ import torch
 
 from tta.adapters.base import Adapter, read_state
 from tta.engine.runner import autocast, resolve_amp, resolve_device
-from tta.errors import InvalidInputError, StateMismatchError
+from tta.errors import InvalidInputError
 
 
 class StreamPool:
@@ -70,21 +70,14 @@ class StreamPool:
     def load(self, stream_id: Hashable, path: str | os.PathLike[str]) -> None:
         """Load a state written by `save` into stream `stream_id` (created when new).
 
-        The frozen source tensors are shared by every stream, so a state whose frozen tensors
-        differ from this pool's source model (same architecture, other weights) is rejected
-        instead of being written into the shared tensors.
+        The rule of `Adapter.load`: the whole file is checked before any of it is applied, and a
+        state whose frozen tensors (shared by every stream) differ from this pool's source model is
+        rejected instead of being written into the shared tensors.
         """
         adapter, lock = self._entry(stream_id)
         state = read_state(path)
         with lock:
-            shared = {id(t) for t in adapter.frozen_tensors()}
-            for name, t in adapter.state_dict(keep_vars=True).items():
-                if id(t) in shared and name in state and not torch.equal(state[name].to(t.device), t.detach()):
-                    raise StateMismatchError(
-                        f"{path}: frozen tensor {name!r} differs from this pool's source model; the state "
-                        "was adapted from other source weights"
-                    )
-            adapter.load_state_dict(state)
+            adapter.load_saved(state, where=str(path))
 
     def get(self, stream_id: Hashable) -> Adapter:
         """The adapter holding stream `stream_id`'s state (created when new)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from tta.engine.metrics import ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
-from tta.errors import ConfigError, NonFiniteInputError
+from tta.errors import ConfigError, InputValueError
 from tta.streams.base import Batch, Stream
 
 logger = logging.getLogger("tta.engine")
@@ -99,8 +99,9 @@ def run_stream(
         on CUDA they are pinned and copied asynchronously.
     seed: seeds Python/NumPy/torch global generators before the run (the adapter's own generators
         are seeded by its config's ``seed``).
-    on_nonfinite: a batch with NaN/Inf values is rejected by the adapter before any state change;
-        ``"skip"`` counts it (its samples count as errors) and goes on, ``"raise"`` re-raises.
+    on_nonfinite: a batch with NaN/Inf values (or values outside the model's input range) is rejected
+        by the adapter before any state change; ``"skip"`` counts it (its samples count as errors)
+        and goes on, ``"raise"`` re-raises.
     keep_predictions: keep the predicted class of every image (``-1`` for skipped batches).
     log: receives one line per finished domain and the mean; default: printed under the
         progress bar when `progress`, else sent to the ``tta.engine`` logger. Domain lines read as
@@ -183,7 +184,7 @@ def run_stream(
                 with autocast(dev, amp_dtype):
                     outputs = adapter(x)
                 pred = predicted_classes(outputs).cpu()  # host sync: latency includes the device work
-            except NonFiniteInputError as exc:
+            except InputValueError as exc:
                 if on_nonfinite == "raise":
                     raise
                 skipped_batches += 1
@@ -223,12 +224,18 @@ def run_stream(
     if mean is not None:
         log(f"mean error: {mean:.2f}%")
     if skipped_batches:
-        log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite values; "
-            "counted as errors")
+        log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite or out-of-range "
+            "values; counted as errors")
 
     def delta(key: str) -> int:
         return int(counters.get(key, 0)) - int(before.get(key, 0))
 
+    if delta("skipped_nonfinite_loss"):
+        log(f"warning: {delta('skipped_nonfinite_loss')} of {delta('steps')} step(s) had a non-finite loss and were "
+            "not applied")
+    if delta("nonfinite_param_resets"):
+        log(f"warning: the adapted parameters became non-finite {delta('nonfinite_param_resets')} time(s) (learning "
+            "rate too high?); each time the adapter was reset to the source state")
     if delta("aug_used") + delta("aug_skipped"):  # CoTTA: share of batches without augmented views
         log(f"augmentation skipped on {delta('aug_skipped')} of {delta('aug_used') + delta('aug_skipped')} "
             "batches (anchor confident)")
@@ -251,6 +258,7 @@ def run_stream(
         skipped_batches=skipped_batches,
         skipped_images=skipped_images,
         skipped_nonfinite_loss=delta("skipped_nonfinite_loss"),
+        nonfinite_param_resets=delta("nonfinite_param_resets"),
         resets=resets,
         device=str(dev),
         amp=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),

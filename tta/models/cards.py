@@ -241,7 +241,10 @@ def load(card: str | os.PathLike[str] | ModelCard, device: str | torch.device = 
     net = build_model(card.arch, num_classes=card.num_classes, in_chans=card.in_chans, **card.arch_kwargs)
     ckpt = card.checkpoint_path()
     load_into(net, load_state_dict(ckpt, sha256=card.sha256), ckpt)
-    return wrap_normalization(net, card.mean, card.std).to(device).eval()
+    from tta.adapters.inputs import declare_input  # the input contract adapters check batches against
+
+    size = card.input_size[1:] if min(card.input_size[1:]) > 0 else None  # 0: any size
+    return declare_input(wrap_normalization(net, card.mean, card.std).to(device).eval(), size, (0.0, 1.0))
 
 
 def load_weights(arch: str, path: str | os.PathLike[str], num_classes: int = 1000, in_chans: int = 3,
