@@ -1,8 +1,8 @@
 """The deployed-model contract every registered adapter inherits from `Adapter`.
 
 Parametrised over `tta.list_adapters()`, so an adapter added to the registry is covered without
-touching this file (`build` below knows how to give AdaNPC its memory; any other adapter is built with
-`tta.adapt(model, name, seed=0)`): grad modes, the caller's model left untouched, `.to(dtype)` after a
+touching this file (`build` below knows how to give AdaNPC its memory and EATA its Fisher information;
+any other adapter is built with `tta.adapt(model, name, seed=0)`): grad modes, the caller's model left untouched, `.to(dtype)` after a
 step, and rejected batches leaving every bit of the adapted state unchanged.
 """
 
@@ -28,6 +28,13 @@ FAST = {
     "vdp": {"n_views": 2, "ap": 1.0},
     "rotta": {"memory_size": 8, "update_frequency": 4},
 }
+#: selection margins the unsure small CNN passes (so that the sample-selecting adapters do update)
+SELECTING = {
+    "eata": {"margin_e0": 0.99, "d_margin": 1.5},
+    "eta": {"margin_e0": 0.99, "d_margin": 1.5},
+    "sar": {"margin_e0": 0.99, "reset_constant": 0.0},
+    "deyo": {"margin": 0.99, "margin_e0": 0.99, "plpd_threshold": -1.0},
+}
 
 
 def small_cnn() -> nn.Module:
@@ -49,12 +56,16 @@ def small_cnn() -> nn.Module:
 
 def build(name: str, model: nn.Module | None = None, **config) -> tta.Adapter:
     model = small_cnn() if model is None else model
-    adapter = tta.adapt(model, name, seed=0, **{**FAST.get(name, {}), **config})
+    adapter = tta.adapt(model, name, seed=0, **{**FAST.get(name, {}), **SELECTING.get(name, {}), **config})
     if name == "adanpc":
         g = torch.Generator().manual_seed(2)
         adapter.set_source_memory(torch.randn(40, 8, generator=g), torch.arange(40) % 10, 10)
     if name == "rmt":  # source class prototypes (10 classes x 8 feature dims of small_cnn)
         adapter.set_prototypes(torch.randn(10, 8, generator=torch.Generator().manual_seed(3)))
+    if name == "eata":
+        from tta.adapters.eata import compute_fisher
+
+        adapter.set_fisher(compute_fisher(small_cnn(), batch(9, n=16), batch_size=8))
     return adapter
 
 

@@ -218,3 +218,23 @@ def test_cli_bench_runs_the_family_with_per_adapter_settings(monkeypatch, tmp_pa
     assert configs["eta"]["margin_e0"] == configs["sar"]["margin_e0"] == configs["deyo"]["margin_e0"] == 0.7
     assert configs["eata"]["fisher"].endswith(f"{tta.models.DEFAULT_CARD}.fisher.safetensors")  # the card's file
     assert configs["sar"]["optimizer"] == "sgd" and configs["eta"]["optimizer"] == "adam"  # cifar10 preset
+
+
+@pytest.mark.parametrize("name,key,bad", [("eta", "model_probs", torch.tensor([0.5, float("nan")])),
+                                          ("roid", "class_probs", -torch.ones(10)),
+                                          ("sar", "loss_average", float("inf")),
+                                          ("eata", "model_probs", torch.ones(2, 5))])
+def test_bad_saved_entries_are_refused_before_anything_is_applied(name, key, bad):
+    from tta.errors import StateMismatchError
+
+    a = build(name, tiny_cnn(), seed=1, lr=0.05)
+    for x in batches(2):
+        a(x)
+    state = copy.deepcopy(a.state_dict())
+    state["_extra_state"][key] = bad
+    b = build(name, tiny_cnn(), seed=1, lr=0.05)
+    b(batches(1, seed=7)[0])
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(StateMismatchError, match=key):
+        b.load_state_dict(state)
+    same_state(before, b.state_dict())

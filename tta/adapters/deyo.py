@@ -122,11 +122,10 @@ def occlude(x: torch.Tensor, size: int, row: int, column: int) -> torch.Tensor:
 
 
 @register_adapter("deyo")
-class DeYO(NormAffineAdapter):
+class DeYO(NormAffineAdapter[DeyoConfig]):
     """Entropy minimisation on samples selected by entropy and by PLPD (see the module docstring)."""
 
     Config = DeyoConfig
-    config: DeyoConfig
 
     def excluded_modules(self) -> tuple[str, ...]:
         return self.config.excluded

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.adapters.config import OptimConfig
-from tta.adapters.entropy import NormAffineAdapter, entropy_margin, softmax_entropy
+from tta.adapters.entropy import NormAffineAdapter, check_probability_state, entropy_margin, softmax_entropy
 from tta.adapters.registry import register_adapter
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
 
@@ -109,11 +109,10 @@ class EataConfig(EtaConfig):
 
 
 @register_adapter("eta")
-class ETA(NormAffineAdapter):
+class ETA(NormAffineAdapter[EtaConfig]):
     """Entropy minimisation on reliable, non-redundant samples, re-weighted by their entropy."""
 
     Config = EtaConfig
-    config: EtaConfig
 
     def __init__(self, model: nn.Module, config: EtaConfig | None = None) -> None:
         #: moving average of the selected samples' probabilities (None until the first selection)
@@ -136,7 +135,7 @@ class ETA(NormAffineAdapter):
         selected = entropy.detach() < e0
         self.counters["reliable"] = self.counters.get("reliable", 0) + int(selected.sum())
         if self.model_probs is not None:
-            cosine = F.cosine_similarity(self.model_probs.to(probs.device).unsqueeze(0), probs, dim=1)
+            cosine = F.cosine_similarity(self.model_probs.unsqueeze(0), probs, dim=1)
             selected &= cosine.abs() < cfg.d_margin
         n = int(selected.sum())
         self.counters["selected"] = self.counters.get("selected", 0) + n
@@ -150,22 +149,33 @@ class ETA(NormAffineAdapter):
         if self.apply_loss(loss):
             batch_mean = probs[selected].mean(0)
             m = cfg.probs_momentum
-            self.model_probs = batch_mean if self.model_probs is None else m * self.model_probs.to(probs.device) + (1 - m) * batch_mean
+            self.model_probs = batch_mean if self.model_probs is None else m * self.model_probs + (1 - m) * batch_mean
         return outputs.detach()
 
     def reset(self) -> None:
         super().reset()
         self.model_probs = None
 
+    def _after_move(self) -> None:
+        super()._after_move()
+        if self.model_probs is not None:
+            p = self.norm_params[0]
+            self.model_probs = self.model_probs.to(device=p.device, dtype=p.dtype)
+
     def get_extra_state(self) -> dict[str, Any]:
         state = super().get_extra_state()
         state["model_probs"] = None if self.model_probs is None else self.model_probs.clone()
         return state
 
+    def check_extra_state(self, extra: Mapping[str, Any], where: str) -> None:
+        super().check_extra_state(extra, where)
+        check_probability_state(where, "model_probs", extra.get("model_probs"))
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         probs = state.get("model_probs")
-        self.model_probs = None if probs is None else probs.to(self.device)
+        p = self.norm_params[0]
+        self.model_probs = None if probs is None else probs.to(device=p.device, dtype=p.dtype)
 
 
 @register_adapter("eata")
@@ -210,13 +220,17 @@ class EATA(ETA):
             )
         return super().forward_and_adapt(x)
 
+    def _after_move(self) -> None:
+        super()._after_move()
+        if self._fisher_sqrt is not None:
+            p = self.norm_params[0]
+            self._fisher_sqrt = [f.to(device=p.device, dtype=p.dtype) for f in self._fisher_sqrt]
+
     def regulariser(self) -> torch.Tensor | None:
         alpha = self.config.fisher_alpha
         if alpha == 0 or self._fisher_sqrt is None:
             return None
         params = self.norm_params
-        if self._fisher_sqrt[0].device != params[0].device:
-            self._fisher_sqrt = [f.to(params[0].device) for f in self._fisher_sqrt]
         # sum_k F_k (theta_k - theta_k^src)^2 = sum over tensors of ||sqrt(F) * (theta - theta^src)||^2
         scaled = torch._foreach_mul(torch._foreach_sub(params, self.source_norm_params()), self._fisher_sqrt)
         return alpha * torch.stack(torch._foreach_norm(scaled)).square().sum()

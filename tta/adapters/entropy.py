@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from tta.adapters.base import Adapter
-from tta.errors import NoAdaptableLayerError
+from tta.adapters.config import OptimConfig
+from tta.errors import NoAdaptableLayerError, StateMismatchError
 from tta.layers import CalibratedBatchNorm, replace_batchnorms
+
+C = TypeVar("C", bound=OptimConfig)
 
 NORM_TYPES = (CalibratedBatchNorm, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 #: module names of the top layers SAR's and DeYO's reference code does not adapt: layer4 of a
@@ -65,7 +69,7 @@ def norm_affine_params(model: nn.Module, excluded: Iterable[str] = ()) -> list[t
     return out
 
 
-class NormAffineAdapter(Adapter):
+class NormAffineAdapter(Adapter[C]):
     """Eval mode, test-batch statistics in every BatchNorm, trains the norm layers' affine params.
 
     Subclasses set `excluded_modules()` to leave layers out (by name, see `module_matches`).
@@ -100,13 +104,17 @@ class NormAffineAdapter(Adapter):
         return self.norm_params
 
     def source_norm_params(self) -> list[torch.Tensor]:
-        """The source values of `norm_params`, on their device (copied there once, then cached)."""
-        device = self.norm_params[0].device
+        """The source values of `norm_params` (tensors of the source snapshot, which `.to()` keeps on
+        the parameters' device and dtype); looked up once, again after a move."""
         cached = self.__dict__.get("_source_norm_params")
-        if cached is None or cached[0].device != device:
-            cached = [self._source_state[name].to(device) for name in self.norm_param_names]
+        if cached is None:
+            cached = [self._source_state[name] for name in self.norm_param_names]
             self.__dict__["_source_norm_params"] = cached
         return cached
+
+    def _after_move(self) -> None:
+        super()._after_move()
+        self.__dict__.pop("_source_norm_params", None)
 
     def outputs_are_finite(self, outputs: torch.Tensor) -> bool:
         """False (and counted as a skipped step) when the logits hold NaN/Inf: no update then."""
@@ -116,10 +124,22 @@ class NormAffineAdapter(Adapter):
         return False
 
 
+def check_probability_state(where: str, key: str, value: Any) -> None:
+    """A saved probability vector (EATA's moving average, ROID's class prior): None or a finite,
+    non-negative 1-D float tensor; raise `StateMismatchError`, never apply."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or not value.is_floating_point() or value.numel() == 0:
+        raise StateMismatchError(f"{where}: {key} must be None or a 1-D float tensor, got {value!r:.80}")
+    if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+        raise StateMismatchError(f"{where}: {key} holds negative or non-finite values")
+
+
 __all__ = [
     "NORM_TYPES",
     "NormAffineAdapter",
     "TOP_LAYERS",
+    "check_probability_state",
     "entropy_margin",
     "module_matches",
     "norm_affine_params",

@@ -37,6 +37,7 @@ enter e (counted in ``counters["skipped_nonfinite_loss"]``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -46,7 +47,7 @@ from torch import nn
 from tta.adapters.config import OptimConfig
 from tta.adapters.entropy import TOP_LAYERS, NormAffineAdapter, entropy_margin, softmax_entropy
 from tta.adapters.registry import register_adapter
-from tta.errors import ConfigError
+from tta.errors import ConfigError, StateMismatchError
 
 
 @dataclass
@@ -90,16 +91,16 @@ class SarConfig(OptimConfig):
 
 
 @register_adapter("sar")
-class SAR(NormAffineAdapter):
+class SAR(NormAffineAdapter[SarConfig]):
     """Reliable entropy minimisation with SAM and model recovery (see the module docstring)."""
 
     Config = SarConfig
-    config: SarConfig
 
     def __init__(self, model: nn.Module, config: SarConfig | None = None) -> None:
         #: moving average of the second-step loss (None until the first non-empty selection)
         self.loss_average: float | None = None
         super().__init__(model, config)
+        #: preallocated copies of the parameters at theta (SAM's way back from theta')
         self._sam_backup = [torch.empty_like(p) for p in self.norm_params]
 
     def excluded_modules(self) -> tuple[str, ...]:
@@ -120,7 +121,7 @@ class SAR(NormAffineAdapter):
         self.counters["reliable"] = self.counters.get("reliable", 0) + n1
         loss1 = entropy[reliable].sum() / max(n1, 1)  # an empty selection: zero loss, zero gradient
         grads = torch.autograd.grad(loss1, params, materialize_grads=True)  # zeros for unused params
-        backup = self._backup_buffers()
+        backup = self._sam_backup
         with torch.no_grad():
             torch._foreach_copy_(backup, params)
             scale = cfg.rho / (torch.stack(torch._foreach_norm(grads)).norm() + 1e-12)
@@ -148,12 +149,9 @@ class SAR(NormAffineAdapter):
             self.recover()
         return outputs.detach()
 
-    def _backup_buffers(self) -> list[torch.Tensor]:
-        """Preallocated copies of the parameters at theta (SAM's way back from theta')."""
-        params = self.norm_params
-        if (self._sam_backup[0].device, self._sam_backup[0].dtype) != (params[0].device, params[0].dtype):
-            self._sam_backup = [torch.empty_like(p) for p in params]
-        return self._sam_backup
+    def _after_move(self) -> None:
+        super()._after_move()
+        self._sam_backup = [torch.empty_like(p) for p in self.norm_params]
 
     def recover(self) -> None:
         """Model recovery: trained parameters back to the source values, the loss average cleared;
@@ -172,6 +170,13 @@ class SAR(NormAffineAdapter):
         state = super().get_extra_state()
         state["loss_average"] = self.loss_average
         return state
+
+    def check_extra_state(self, extra: Mapping[str, Any], where: str) -> None:
+        super().check_extra_state(extra, where)
+        value = extra.get("loss_average")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < float("inf")):
+            raise StateMismatchError(f"{where}: loss_average must be None or a finite number >= 0, got {value!r}")
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)

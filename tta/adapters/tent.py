@@ -29,7 +29,7 @@ class TentConfig(OptimConfig):
 
 
 @register_adapter("tent")
-class Tent(NormAffineAdapter):
+class Tent(NormAffineAdapter[TentConfig]):
     """Entropy minimisation of the batch predictions; trains only normalisation affine params.
 
     BatchNorm layers normalise with test-batch statistics (source copy kept for reset);
