@@ -344,7 +344,7 @@ inline Plan make_plan(const at::Tensor& x, bool rows, bool vec_ok) {
     p.TY = kThreads / tx;
     p.channel_blocks = (p.Cv + tx - 1) / tx;
     units = p.R;
-    min_per_split = static_cast<int64_t>(p.TY) * kUnroll;
+    min_per_split = static_cast<int64_t>(p.TY) * kUnroll * 2;  // >= 2 iterations per lane before the tree
   } else {
     p.Sv = S / p.V;
     p.channel_blocks = C;

@@ -6,7 +6,8 @@
 //   2. cuBLAS GEMM (at::mm) of the queries with the fp32 tile.
 //   3. topk_merge_kernel, grid (B, splits): each query's tile columns are cut into `splits`
 //      contiguous ranges, one block per (query, range), so few queries still fill the GPU
-//      (B * splits >= ~2x the SM count when the memory is large). Each block keeps the running
+//      (B * splits >= ~4x the SM count when the memory is large); each thread loads
+//      kScanUnroll similarities ahead of merging them. Each block keeps the running
 //      top-k of its range slot (sorted, in global memory, (B, splits, kp)) across tiles: threads
 //      apply the metric correction on the fly, keep values above the current k-th best (warp
 //      ballot + one shared atomic per warp to compact survivors into a shared buffer) and a
@@ -43,6 +44,7 @@ static_assert(kThreads >= kMaxK, "one vote thread per neighbour");
 static_assert(kCapacity >= kMaxK + 2 * kThreads, "room for at least two chunks between sorts");
 constexpr int64_t kMinSplitCols = 2048;  // fewest similarity columns a (query, split) block scans
 constexpr int64_t kMaxSplits = 64;
+constexpr int kScanUnroll = 4;  // similarity loads in flight per thread in the scan
 
 template <typename scalar_t>
 __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t D, int metric,
@@ -111,44 +113,56 @@ __global__ void topk_merge_kernel(const float* __restrict__ values, const int64_
     count = kp;
     threshold = best_v[list + k - 1];
   }
-  for (int64_t base = begin; base < end; base += blockDim.x) {
-    __syncthreads();  // previous chunk's writes (and the initial load) are visible
-    const int current = count;
-    __syncthreads();  // everyone has read `count` before this chunk's atomics change it
-    if (current + static_cast<int>(blockDim.x) > kCapacity) {
-      bitonic_sort_desc(sv, si);
-      for (int t = kp + threadIdx.x; t < kCapacity; t += blockDim.x) {
-        sv[t] = -INFINITY;
-        si[t] = -1;
+  // kScanUnroll values per thread are loaded up front (independent loads in flight), then merged
+  // one round of blockDim.x values at a time. Loop bounds are uniform across the block.
+  for (int64_t base = begin; base < end; base += static_cast<int64_t>(kScanUnroll) * blockDim.x) {
+    float vals[kScanUnroll];
+    int64_t ids[kScanUnroll];
+#pragma unroll
+    for (int r = 0; r < kScanUnroll; ++r) {
+      const int64_t j = base + static_cast<int64_t>(r) * blockDim.x + threadIdx.x;
+      float v = -INFINITY;
+      int64_t id = -1;
+      if (j < end) {
+        v = row[j];
+        id = row_idx ? row_idx[j] : index_base + j;
+        if (metric == static_cast<int>(Metric::Cosine)) {
+          v *= qa * m_aux[j];
+        } else if (metric == static_cast<int>(Metric::L2)) {
+          v = 2.f * v - qa - m_aux[j];
+        }
       }
-      if (threadIdx.x == 0) {
-        count = kp;
-        threshold = sv[k - 1];
-      }
-      __syncthreads();
+      vals[r] = v;
+      ids[r] = id;
     }
-    const int64_t j = base + threadIdx.x;
-    float v = -INFINITY;
-    int64_t id = -1;
-    if (j < end) {
-      v = row[j];
-      id = row_idx ? row_idx[j] : index_base + j;
-      if (metric == static_cast<int>(Metric::Cosine)) {
-        v *= qa * m_aux[j];
-      } else if (metric == static_cast<int>(Metric::L2)) {
-        v = 2.f * v - qa - m_aux[j];
+#pragma unroll
+    for (int r = 0; r < kScanUnroll; ++r) {
+      __syncthreads();  // previous round's writes (and the initial load) are visible
+      const int current = count;
+      __syncthreads();  // everyone has read `count` before this round's atomics change it
+      if (current + static_cast<int>(blockDim.x) > kCapacity) {
+        bitonic_sort_desc(sv, si);
+        for (int t = kp + threadIdx.x; t < kCapacity; t += blockDim.x) {
+          sv[t] = -INFINITY;
+          si[t] = -1;
+        }
+        if (threadIdx.x == 0) {
+          count = kp;
+          threshold = sv[k - 1];
+        }
+        __syncthreads();
       }
-    }
-    const bool keep = id >= 0 && v > threshold;  // NaN, padding and empty list slots never pass
-    const unsigned mask = __ballot_sync(kFullMask, keep);
-    const int lane = threadIdx.x & 31;
-    int warp_base = 0;
-    if (lane == 0 && mask) warp_base = atomicAdd(&count, __popc(mask));
-    warp_base = __shfl_sync(kFullMask, warp_base, 0);
-    if (keep) {
-      const int pos = warp_base + __popc(mask & ((1u << lane) - 1u));
-      sv[pos] = v;
-      si[pos] = id;
+      const bool keep = ids[r] >= 0 && vals[r] > threshold;  // NaN, padding and empty list slots never pass
+      const unsigned mask = __ballot_sync(kFullMask, keep);
+      const int lane = threadIdx.x & 31;
+      int warp_base = 0;
+      if (lane == 0 && mask) warp_base = atomicAdd(&count, __popc(mask));
+      warp_base = __shfl_sync(kFullMask, warp_base, 0);
+      if (keep) {
+        const int pos = warp_base + __popc(mask & ((1u << lane) - 1u));
+        sv[pos] = vals[r];
+        si[pos] = ids[r];
+      }
     }
   }
   bitonic_sort_desc(sv, si);
@@ -214,12 +228,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cuda(const at::Tensor& q
 
   // Tile: at most 64 Mi similarities (256 MiB) per GEMM, at least 4096 rows.
   const int64_t tile = std::max<int64_t>(4096, std::min<int64_t>(M, (int64_t{1} << 26) / std::max<int64_t>(B, 1)));
-  // Splits of each tile's columns: enough (query, split) blocks for ~2 per SM, each range at
-  // least kMinSplitCols columns (below that the per-block list load/sort/store dominates).
+  // Splits of each tile's columns: enough (query, split) blocks for ~4 per SM (B * splits >= 4x the
+  // SM count), each range at least kMinSplitCols columns (below that the per-block list
+  // load/sort/store dominates), at most kMaxSplits lists per query for the merge.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, queries.device().index()));
   const int64_t first_tile = std::min(tile, M);
-  int64_t splits = (2 * static_cast<int64_t>(sms) + std::max<int64_t>(B, 1) - 1) / std::max<int64_t>(B, 1);
+  int64_t splits = (4 * static_cast<int64_t>(sms) + std::max<int64_t>(B, 1) - 1) / std::max<int64_t>(B, 1);
   splits = std::min<int64_t>({splits, (first_tile + kMinSplitCols - 1) / kMinSplitCols, kMaxSplits});
   splits = std::max<int64_t>(splits, 1);
   at::Tensor part_v = at::full({B, splits, kp}, -INFINITY, f32);
