@@ -176,7 +176,8 @@ def test_torch_compile_fullgraph_equals_eager():
 
 # The CUDA kernel cuts each query's memory scan into ranges (one block per query and range, then a
 # merge of the ranges' lists): one query over many ranges, M not a multiple of the range count,
-# k larger than a range (k=256), and a second memory tile whose ranges hold fewer rows than k.
+# k=256 over two ranges, and a second memory tile (9 rows per range) whose ranges hold fewer rows
+# than k.
 SPLIT_CASES = [
     # B, M, D, C, k
     (1, 100_003, 16, 10, 100),

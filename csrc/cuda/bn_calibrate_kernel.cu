@@ -99,32 +99,34 @@ struct ChannelCursor {
   }
 };
 
-// Merges `valid` packs (valid * V values) into w: one Chan update per group of values.
+// Merges `valid` packs (valid * V values) into w: one Chan update per group of values. The group's
+// moments are taken relative to its first value (offset data loses no digits to large sums).
 template <typename T, int V>
 __device__ __forceinline__ void push_packs(Welford& w, const Pack<T, V> (&p)[kUnroll], int valid) {
   if (valid == 0) return;
+  const float pivot = static_cast<float>(p[0].v[0]);
   float sum = 0.f;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     if (u < valid) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) sum += static_cast<float>(p[u].v[j]);
+      for (int j = 0; j < V; ++j) sum += static_cast<float>(p[u].v[j]) - pivot;
     }
   }
   const float cnt = static_cast<float>(valid * V);
-  const float mean = sum / cnt;
+  const float md = sum / cnt;
   float m2 = 0.f;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     if (u < valid) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float d = static_cast<float>(p[u].v[j]) - mean;
+        const float d = (static_cast<float>(p[u].v[j]) - pivot) - md;
         m2 += d * d;
       }
     }
   }
-  w.merge(cnt, mean, m2);
+  w.merge(cnt, pivot + md, m2);
 }
 
 // NCHW: block (c, split) reduces packs [split * per_split, +per_split) of channel c's N * Sv packs.
@@ -183,20 +185,21 @@ __global__ void moments_rows_kernel(const scalar_t* __restrict__ x, int64_t R, i
           ++valid;
         }
       }
-      const float cnt = static_cast<float>(valid);
+      const float cnt = static_cast<float>(valid);  // >= 1: row r itself is valid
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
+      for (int j = 0; j < V; ++j) {  // moments of the group relative to its first value, as push_packs
+        const float pivot = static_cast<float>(p[0].v[j]);
         float sum = 0.f;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) sum += u < valid ? static_cast<float>(p[u].v[j]) : 0.f;
-        const float mean = sum / cnt;
+        for (int u = 0; u < kUnroll; ++u) sum += u < valid ? static_cast<float>(p[u].v[j]) - pivot : 0.f;
+        const float md = sum / cnt;
         float m2 = 0.f;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          const float d = u < valid ? static_cast<float>(p[u].v[j]) - mean : 0.f;
+          const float d = u < valid ? (static_cast<float>(p[u].v[j]) - pivot) - md : 0.f;
           m2 += d * d;
         }
-        w[j].merge(cnt, mean, m2);
+        w[j].merge(cnt, pivot + md, m2);
       }
     }
   }
