@@ -212,3 +212,124 @@ def test_build_memory_command_writes_the_memory_beside_the_card(tmp_path, monkey
     adapter = tta.adapt(tta.models.load("tiny"), "adanpc", memory="tiny", k=10)
     assert adapter.memory.num_source == 96
     assert adapter(torch.rand(4, 3, 32, 32)).shape == (4, 10)
+
+
+# ---------------------------------------------------------------------- AdaNPC-BN (feature_bn)
+def vote_by_hand(queries, rows, labels, num_classes, k, tau):
+    """Dense cosine top-k softmax vote in plain torch (rows already normalised)."""
+    top, idx = (F.normalize(queries, dim=1) @ rows.T).topk(k, dim=1)
+    w = torch.softmax(top / tau, dim=1)
+    return torch.zeros(queries.shape[0], num_classes).scatter_add(1, labels[idx], w)
+
+
+def test_feature_bn_defaults_follow_the_reference():
+    cfg = tta.adapter_config("adanpc", feature_bn=True)
+    assert (cfg.bn_steps, cfg.bn_lr, cfg.temperature, cfg.beta, cfg.k) == (3, 1e-5, 0.01, 0.1, 100)
+    assert tta.adapter_config("adanpc").temperature == 0.1
+    assert tta.adapter_config("adanpc", feature_bn=True, temperature=0.2).temperature == 0.2
+    with pytest.raises(ConfigError, match="bn_steps"):
+        tta.adapter_config("adanpc", bn_steps=0)
+
+
+def test_feature_bn_update_changes_only_the_feature_bn():
+    model = small_cnn()
+    adapter = make(model, feature_bn=True, k=5, bn_lr=1e-2)
+    model_before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    source_rows = adapter.memory.rows()[0].clone()
+    bn = adapter.feature_bn
+    assert [p for p in adapter.optimizer.param_groups[0]["params"]] == [bn.weight, bn.bias]
+    assert torch.equal(bn.weight, torch.ones(8)) and torch.equal(bn.bias, torch.zeros(8))
+    adapter(torch.rand(6, 3, 8, 8) * 2)
+    for k, v in adapter.model.state_dict().items():
+        assert torch.equal(v, model_before[k]), k
+    assert torch.equal(adapter.memory.rows()[0][: adapter.memory.num_source], source_rows)
+    assert not torch.equal(bn.weight, torch.ones(8)) and not torch.equal(bn.bias, torch.zeros(8))
+    assert adapter.optimizer.state[bn.weight]["step"].item() == 3  # bn_steps Adam steps on the batch
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_feature_bn_step_is_entropy_minimisation_of_the_vote():
+    """One step re-derived: fresh BN (batch statistics), vote at tau, entropy of the vote, one Adam step."""
+    model = small_cnn()
+    adapter = make(model, feature_bn=True, bn_steps=1, k=5, bn_lr=1e-2)
+    rows, labels = (t.clone() for t in adapter.memory.rows())
+    x = torch.rand(6, 3, 8, 8) * 2
+    with torch.no_grad():
+        f = model[:5](x)
+    w = torch.ones(8, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    z = (f - f.mean(0)) / torch.sqrt(f.var(0, unbiased=False) + 1e-5) * w + b
+    p = vote_by_hand(z, rows, labels, 4, 5, 0.01)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1).mean()
+    entropy.backward()
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    opt.step()
+    probs = adapter(x)
+    torch.testing.assert_close(probs, p.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adapter.feature_bn.weight.detach(), w.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.feature_bn.bias.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    # memory extension (the reference rule): every feature whose vote confidence >= beta is appended,
+    # as its normalised BN feature with the vote's argmax as label -- once per batch
+    n = adapter.memory.num_source
+    feats_mem, labels_mem = adapter.memory.rows()
+    keep = p.max(1).values >= 0.1
+    assert adapter.memory.num_test == int(keep.sum())
+    torch.testing.assert_close(feats_mem[n:], F.normalize(z.detach(), dim=1)[keep], rtol=1e-4, atol=1e-5)
+    assert torch.equal(labels_mem[n:], p.argmax(1)[keep])
+
+
+def test_feature_bn_appends_once_per_batch_and_respects_beta():
+    adapter = make(feature_bn=True, k=5)
+    adapter(torch.rand(6, 3, 8, 8))
+    assert adapter.memory.num_test == 6  # 3 steps, one append of the last step's features
+    strict = make(feature_bn=True, k=5, beta=1.01)
+    strict(torch.rand(6, 3, 8, 8))
+    assert strict.memory.num_test == 0 and int(strict.feature_bn.num_batches_tracked) == 3
+
+
+def test_feature_bn_trains_under_a_callers_no_grad_and_resets():
+    adapter = make(feature_bn=True, k=5, bn_lr=1e-2)
+    x = torch.rand(6, 3, 8, 8)
+    first = adapter(x)
+    with torch.no_grad():
+        adapter(torch.rand(6, 3, 8, 8))
+    assert adapter.optimizer.state[adapter.feature_bn.weight]["step"].item() == 6
+    adapter.reset()
+    assert adapter.memory.num_test == 0 and not adapter.optimizer.state
+    assert torch.equal(adapter.feature_bn.weight, torch.ones(8)) and int(adapter.feature_bn.num_batches_tracked) == 0
+    torch.testing.assert_close(adapter(x), first)
+
+
+def test_feature_bn_state_round_trip(tmp_path):
+    model = small_cnn()
+    adapter = make(model, feature_bn=True, k=5, bn_lr=1e-2)
+    adapter(torch.rand(6, 3, 8, 8))
+    adapter.save(tmp_path / "s.pt")
+    x = torch.rand(6, 3, 8, 8)
+    want = adapter(x)
+    other = make(small_cnn(), feature_bn=True, k=5, bn_lr=1e-2)
+    other.load(tmp_path / "s.pt")
+    torch.testing.assert_close(other(x), want)
+    torch.testing.assert_close(other.feature_bn.weight, adapter.feature_bn.weight)
+
+
+def test_feature_bn_single_image_uses_running_statistics_without_adapting():
+    adapter = make(feature_bn=True, k=5)
+    adapter(torch.rand(6, 3, 8, 8))
+    weight = adapter.feature_bn.weight.clone()
+    size = adapter.memory.size
+    probs = adapter(torch.rand(1, 3, 8, 8))
+    assert probs.shape == (1, 4) and adapter.counters["small_batches"] == 1
+    assert adapter.memory.size == size and torch.equal(adapter.feature_bn.weight, weight)
+
+
+def test_extend_memory_false_is_the_source_vote():
+    adapter = make(extend_memory=False, k=5)
+    rows, labels = (t.clone() for t in adapter.memory.rows())
+    x = torch.rand(6, 3, 8, 8)
+    probs = adapter(x)
+    adapter(torch.rand(6, 3, 8, 8))
+    assert adapter.memory.num_test == 0
+    with torch.no_grad():
+        want = vote_by_hand(adapter.model[:5](x), rows, labels, 4, 5, 0.1)
+    torch.testing.assert_close(probs, want, rtol=1e-4, atol=1e-5)

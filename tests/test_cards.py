@@ -12,7 +12,7 @@ from tta.errors import DataNotFoundError
 from tta.models import DEFAULT_CARD, VIT_CARD, ModelCard, card_entries, get_card, list_cards, load, sha256_file
 from tta.models.training import evaluate, to_tensor_uint8
 
-SHIPPED = [DEFAULT_CARD, VIT_CARD]
+SHIPPED = [DEFAULT_CARD, VIT_CARD, "resnet20-fmnist-knn"]
 
 
 def _card(tmp_path: Path) -> ModelCard:

@@ -16,7 +16,7 @@ from skimage.filters import gaussian
 
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
 from tta.streams import corruptions as C
-from tta.streams.corruptions import CORRUPTIONS, PARAMS, STANDARD_ORDER, corrupt
+from tta.streams.corruptions import CORRUPTIONS, PARAMS, STANDARD_ORDER, corrupt, corruption_params
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +284,9 @@ def test_bad_input_is_rejected(colour):
         corrupt(colour, "rain", 1)
     with pytest.raises(ConfigError, match="severity"):
         corrupt(colour, "fog", 6)
+    for bad in (-0.5, 5.01, float("nan"), float("inf"), True, "3", None):
+        with pytest.raises(ConfigError, match="severity"):
+            corrupt(colour, "fog", bad)
     with pytest.raises(InvalidInputError, match="uint8"):
         corrupt(colour.astype(np.float32), "fog", 1)
     with pytest.raises(InvalidInputError, match="shape"):
@@ -319,3 +322,65 @@ def test_large_images_use_imagenet_c_constants_per_image():
     noise = a.astype(float) / 255 - big.astype(float) / 255
     inner = (big > 40) & (big < 215)
     assert 0.07 < noise[inner].std() < 0.09
+
+
+# ---------------------------------------------------------------------------------------------------
+# continuous severities (constants interpolated between integer severities; 0 = the clean image)
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_fractional_severities_interpolate_and_zero_is_clean(fmnist, name):
+    images = fmnist[:24]
+    assert np.array_equal(corrupt(images, name, 0, seed=1), images)
+    assert np.array_equal(corrupt(images, name, 0.0, seed=1), images)
+    # a float that is an integer is that integer severity, bit for bit
+    assert np.array_equal(corrupt(images, name, 3.0, seed=1), corrupt(images, name, 3, seed=1))
+    out = corrupt(images, name, 2.37, seed=5)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert np.array_equal(out, corrupt(images, name, 2.37, seed=5))  # seeded
+
+
+def test_interpolated_constants():
+    assert corruption_params("gaussian_noise", 2.5) == pytest.approx((0.06 + 0.08) / 2)
+    assert corruption_params("gaussian_noise", 0.25) == pytest.approx(0.01)  # towards std 0 at severity 0
+    assert corruption_params("contrast", 0.5) == pytest.approx((1.0 + 0.75) / 2)
+    assert corruption_params("fog", 4.5) == pytest.approx((1.25, 1.875))
+    # shot noise interpolates the noise scale 1/c
+    assert 1 / corruption_params("shot_noise", 1.5) == pytest.approx((1 / 500 + 1 / 250) / 2)
+    assert 1 / corruption_params("shot_noise", 0.5) == pytest.approx(0.5 / 500)
+    # integer-valued constants are rounded; glass blur's passes stay fractional
+    assert corruption_params("jpeg_compression", 4.5) == 45
+    assert corruption_params("motion_blur", 3.5) == (7, 2.0)
+    assert corruption_params("glass_blur", 3.5) == pytest.approx((0.325, 1, 1.5))
+    # zoom blur: the zoom factors up to the interpolated largest one
+    assert corruption_params("zoom_blur", 2) == tuple(float(z) for z in PARAMS["zoom_blur"][1])
+    assert corruption_params("zoom_blur", 1.5) == pytest.approx(tuple(1 + 0.01 * k for k in range(9)))
+    # defocus blur mixes the two neighbouring operators
+    assert corruption_params("defocus_blur", 3.25) == ((0.5, 0.6, 0.75), (1, 0.2, 0.25))
+    assert corruption_params("defocus_blur", 4) == PARAMS["defocus_blur"][3]
+    with pytest.raises(ConfigError, match="clean"):
+        corruption_params("fog", 0)
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+                                  "snow", "frost", "fog", "brightness", "contrast", "pixelate", "jpeg_compression"])
+def test_strength_grows_through_fractional_severities(fmnist, name):
+    """PSNR to the clean image falls (within 0.5 dB) from severity 0.25 to 1 in quarter steps, where the
+    interpolation towards the clean image acts (defocus: operator mixing; glass: the fractional pass)."""
+    values = [psnr(corrupt(fmnist, name, s, seed=0), fmnist) for s in (0.25, 0.5, 0.75, 1.0)]
+    for a, b in zip(values, values[1:]):
+        assert b <= a + 0.5, f"{name}: PSNR at 0.25..1 {np.round(values, 2)}"
+    assert values[-1] < values[0], f"{name}: PSNR at 0.25..1 {np.round(values, 2)}"
+
+
+def test_defocus_between_severities_is_between_them(fmnist):
+    """Interpolating the (radius, alias_blur) constants would dip at 3.7 (a radius below 1 is one pixel);
+    mixing the operators keeps the blur between its neighbours."""
+    p3, p37, p4 = (psnr(corrupt(fmnist, "defocus_blur", s), fmnist) for s in (3, 3.7, 4))
+    assert p4 < p37 < p3
+
+
+def test_fractional_severity_needs_small_images():
+    big = np.zeros((1, 80, 80, 3), dtype=np.uint8)
+    with pytest.raises(ConfigError, match="fractional"):
+        corrupt(big, "fog", 2.5)

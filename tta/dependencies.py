@@ -1,7 +1,8 @@
 """Which extra of the `tta-runtime` distribution installs a missing module (torch-free).
 
 The base install (`pip install tta-runtime`) holds numpy, PyYAML and platformdirs: `tta list`, cards and
-specs. `[edge]` adds onnxruntime + safetensors (`tta.edge`), `[video]` OpenCV, `[torch]` the full runtime.
+specs. `[edge]` adds onnxruntime + safetensors (`tta.edge`), `[video]` OpenCV, `[torch]` the full runtime,
+`[serve]` Ray Serve (`tta serve`).
 A feature reached without its extra raises `MissingDependencyError` naming the pip line instead of a
 bare ModuleNotFoundError.
 """
@@ -17,8 +18,10 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "matplotlib": "torch", "onnx": "torch", "onnxscript": "torch", "imagecorruptions": "torch", "PIL": "torch",
     "onnxruntime": "edge", "safetensors": "edge",
     "cv2": "video",
+    "ray": "serve", "starlette": "serve",
 }
-ABOUT_EXTRA = {"torch": "the full PyTorch runtime", "edge": "the edge runtime", "video": "video support"}
+ABOUT_EXTRA = {"torch": "the full PyTorch runtime", "edge": "the edge runtime", "video": "video support",
+               "serve": "Ray Serve"}
 
 
 def install_hint(extra: str) -> str:

@@ -46,3 +46,7 @@ class DataNotFoundError(TTAError, FileNotFoundError):
 
 class MissingDependencyError(TTAError, ImportError):
     """A feature needs a package of an extra that is not installed (e.g. torch on an edge install)."""
+
+
+class StreamRemovedError(TTAError, RuntimeError):
+    """A `StreamPool` call waited for a stream that another thread removed meanwhile."""

@@ -21,6 +21,29 @@ Composition with a normalisation adapter: ``norm`` chooses how the feature extra
 its BatchNorm layers: ``"source"`` (frozen source model, the paper), ``"bn"`` (test-batch
 statistics) or ``"alpha-bn"`` (mix with ``source_weight`` on the source statistics). The source
 memory is always built with source statistics.
+
+Source training. The authors do not run the memory over features of a cross-entropy network: their
+source model is trained with the kNN vote itself as the loss against a queue of recent training
+features (yfzhang114/AdaNPC ``domainbed/algorithms.py`` class ``KNN``; here ``tta train-source
+--objective knn``, `tta.models.knn_objective`, the card ``resnet20-fmnist-knn``). The vote of such
+a card over its source memory without adaptation (``extend_memory=False``) is its source model.
+
+AdaNPC-BN (``feature_bn=True``; reference ``domainbed/adapt_algorithms.py`` class ``AdaNPCBN``): a
+fresh BatchNorm1d (weight 1, bias 0, batch statistics) normalises the test features before the
+vote, and is trained by entropy minimisation of the vote: ``bn_steps`` = 3 Adam steps per batch at
+``bn_lr`` = 1e-5 (the reference: 0.01 x its training lr, 1e-3 Adam for small images; no weight
+decay), vote temperature 0.01. The returned prediction is the last step's vote (before its
+update); the memory receives the normalised BN features of that step with the vote's argmax.
+Differences from the reference code, all deliberate:
+
+- the reference appends the batch at every one of its 3 steps (each image enters the memory three
+  times, and steps 2-3 vote against the image's own copy from the step before, sim ~ 1 at tau
+  0.01, which mostly echoes step 1's label); here the batch is appended once, after the steps;
+- the loss is the entropy of the vote distribution; the reference takes the entropy of
+  softmax(scores), treating probabilities in [0, 1] as logits (nearly flat, tiny gradients):
+  ``softmax_entropy=True`` reproduces it;
+- a one-image batch is voted with the feature BN's running statistics and not adapted on (the
+  reference cannot normalise it).
 """
 
 from __future__ import annotations
@@ -50,6 +73,15 @@ MEMORY_SUFFIX = ".memory.safetensors"
 class AdaNPCConfig(AdapterConfig):
     """k, temperature (tau), beta: the paper's defaults 100, 0.1, 0.1.
 
+    temperature: vote temperature; None: 0.1, or 0.01 with ``feature_bn`` (the reference's values).
+    extend_memory: append confident test features (False: the vote over the source memory alone,
+        nothing adapts: the "source" classifier of a kNN-trained card).
+    feature_bn: AdaNPC-BN (see module doc): a BatchNorm1d on the features, trained by entropy
+        minimisation of the vote, ``bn_steps`` Adam steps per batch at learning rate ``bn_lr``.
+    bn_steps, bn_lr: 3 and 1e-5 (the reference: 3 steps, 0.01 x its small-image training lr 1e-3).
+    softmax_entropy: reproduce the reference's BN loss, the entropy of softmax(scores) (default:
+        the entropy of the vote itself).
+
     memory: path of a memory file (``tta build-memory``) or a model card (name or YAML path) whose
         ``<card>.memory.safetensors`` is used (`ModelCard.artifact_path`); None: call
         `set_source_memory` before use.
@@ -63,8 +95,13 @@ class AdaNPCConfig(AdapterConfig):
     """
 
     k: int = 100
-    temperature: float = 0.1
+    temperature: float | None = None
     beta: float = 0.1
+    extend_memory: bool = True
+    feature_bn: bool = False
+    bn_steps: int = 3
+    bn_lr: float = 1e-5
+    softmax_entropy: bool = False
     memory: str | None = None
     capacity: int | None = None
     class_balanced: bool = False
@@ -78,8 +115,14 @@ class AdaNPCConfig(AdapterConfig):
         super().__post_init__()
         if not 1 <= self.k <= ops.KNN_MAX_K:
             raise ConfigError(f"k must be in [1, {ops.KNN_MAX_K}], got {self.k}")
+        if self.temperature is None:
+            self.temperature = 0.01 if self.feature_bn else 0.1
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.bn_steps < 1:
+            raise ConfigError(f"bn_steps must be >= 1, got {self.bn_steps}")
+        if not self.bn_lr > 0:
+            raise ConfigError(f"bn_lr must be > 0, got {self.bn_lr}")
         if self.capacity is not None and self.capacity < 1:
             raise ConfigError(f"capacity must be >= 1 or None, got {self.capacity}")
         if self.storage_dtype not in ("float32", "float16"):
@@ -379,7 +422,8 @@ class AdaNPC(Adapter[AdaNPCConfig]):
 
     def __init__(self, model: nn.Module, config: AdaNPCConfig | None = None) -> None:
         cfg = config if config is not None else AdaNPCConfig()
-        self.uses_batch_stats = cfg.norm != "source"  # instance-level: depends on the config
+        # instance-level: depends on the config (the feature BN needs > 1 sample, like BN layers)
+        self.uses_batch_stats = cfg.norm != "source" or cfg.feature_bn
         self.memory: KnnMemory | None = None
         super().__init__(model, cfg)
         if cfg.memory is not None:
@@ -397,6 +441,16 @@ class AdaNPC(Adapter[AdaNPCConfig]):
             if not has_batchnorm(self.model):
                 raise NoAdaptableLayerError(f"adanpc: norm={cfg.norm!r} needs BatchNorm layers in the model")
             replace_batchnorms(self.model, cfg.source_weight if cfg.norm == "alpha-bn" else 0.0)
+        # AdaNPC-BN: a fresh BatchNorm1d (weight 1, bias 0) on the features, in train mode (batch statistics)
+        self.feature_bn = (nn.BatchNorm1d(feature_dim(self.model, cfg.feature_layer)).to(self.device)
+                           if cfg.feature_bn else None)
+
+    def collect_params(self) -> list[nn.Parameter]:
+        return list(self.feature_bn.parameters()) if self.feature_bn is not None else []
+
+    def build_optimizer(self, params: list[Any]) -> torch.optim.Optimizer:
+        cfg = self.config
+        return torch.optim.Adam(params, lr=cfg.bn_lr, weight_decay=0.0)  # the reference: Adam, no decay (small images)
 
     def set_source_memory(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
         """Install the source part of the memory (rows are L2-normalised here); drops test entries."""
@@ -416,41 +470,84 @@ class AdaNPC(Adapter[AdaNPCConfig]):
             self.memory.to(self.device)
         return self.memory
 
-    def _vote(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, D) of the frozen model, checked against the memory's row width."""
         from tta.models.features import extract_features
 
         cfg = self.config
         memory = self._require_memory()
-        feats = F.normalize(extract_features(self.model, x, cfg.feature_layer).float(), dim=1)
+        feats = extract_features(self.model, x, cfg.feature_layer).float()
         if feats.shape[1] != memory.dim:
             raise InvalidInputError(
                 f"adanpc: the model's features have {feats.shape[1]} dims but the memory rows have {memory.dim}; "
                 "rebuild the memory for this model"
             )
-        rows, labels = memory.rows()
-        probs = ops.knn_vote(feats, rows, labels, memory.num_classes, cfg.k, cfg.temperature, metric="ip")
-        return feats, probs
+        return feats
 
-    @torch.no_grad()
+    def _vote(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2-normalised query rows, class scores) of the vote over the memory."""
+        cfg = self.config
+        memory = self._require_memory()
+        queries = F.normalize(feats, dim=1)
+        rows, labels = memory.rows()
+        return queries, ops.knn_vote(queries, rows, labels, memory.num_classes, cfg.k, cfg.temperature, metric="ip")
+
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        feats, probs = self._vote(x)
-        confidence, pseudo = probs.max(dim=1)
-        if cfg.softmax_confidence:
-            confidence = probs.softmax(dim=1).max(dim=1).values
-        keep = confidence >= cfg.beta
-        self._require_memory().add(feats[keep], pseudo[keep])
+        with torch.no_grad():
+            feats = self._features(x)
+        if self.feature_bn is None:
+            with torch.no_grad():
+                queries, probs = self._vote(feats)
+        else:
+            queries, probs = self._adapt_feature_bn(feats)
+        if cfg.extend_memory:
+            confidence, pseudo = probs.max(dim=1)
+            if cfg.softmax_confidence:
+                confidence = probs.softmax(dim=1).max(dim=1).values
+            keep = confidence >= cfg.beta
+            self._require_memory().add(queries[keep], pseudo[keep])
         return probs
+
+    def _adapt_feature_bn(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AdaNPC-BN: `bn_steps` entropy-minimisation steps of the feature BN on this batch's vote.
+
+        Returns the queries and vote of the last step (computed before its update), detached.
+        """
+        cfg = self.config
+        assert self.feature_bn is not None
+        self.feature_bn.train()  # batch statistics, whatever mode the adapter module was put in
+        with torch.enable_grad():
+            for _ in range(cfg.bn_steps):
+                queries, probs = self._vote(self.feature_bn(feats))
+                if cfg.softmax_entropy:  # the reference: scores treated as logits
+                    entropy = -(probs.softmax(1) * probs.log_softmax(1)).sum(1)
+                else:
+                    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+                self.apply_loss(entropy.mean())
+        return queries.detach(), probs.detach()
 
     @torch.no_grad()
     def predict_without_adapting(self, x: torch.Tensor) -> torch.Tensor:
+        """The vote with source BatchNorm statistics and the feature BN's running statistics."""
         with source_statistics(self.model):
-            return self._vote(x)[1]
+            feats = self._features(x)
+        bn = self.feature_bn
+        if bn is not None:
+            feats = F.batch_norm(feats, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return self._vote(feats)[1]
+
+    @torch.no_grad()
+    def predict_current(self, x: torch.Tensor) -> torch.Tensor:
+        """The vote of the current memory, nothing added to it (real-time protocol's skipped batches)."""
+        return self._vote(x)[1]
 
     def reset(self) -> None:
         super().reset()
         if self.memory is not None:
             self.memory.truncate()
+        if self.feature_bn is not None:
+            self.feature_bn.reset_parameters()  # weight 1, bias 0, running statistics 0 / 1
 
     def _after_move(self) -> None:
         super()._after_move()
@@ -482,3 +579,17 @@ class AdaNPC(Adapter[AdaNPCConfig]):
             self.set_source_memory(mem["features"][:n].float(), mem["labels"][:n], int(mem["num_classes"]))
         assert self.memory is not None
         self.memory.load_state(mem)
+
+
+def feature_dim(model: nn.Module, layer: str | None = None) -> int:
+    """Width of the pooled features: the input width of the classifier `nn.Linear` (`layer`, else the last one)."""
+    from tta.models.features import AUTO_LAYERS, classifier_name
+    from tta.models.normalize import Normalized
+
+    net = model.model if isinstance(model, Normalized) else model
+    name = layer if layer is not None and layer not in AUTO_LAYERS else classifier_name(net)
+    head = net.get_submodule(name)
+    if not isinstance(head, nn.Linear):
+        raise NoAdaptableLayerError(f"adanpc feature_bn: {name!r} is a {type(head).__name__}, not an nn.Linear "
+                                    "whose input width sizes the feature BatchNorm")
+    return head.in_features

@@ -14,7 +14,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS: tuple[str, ...] = ("run", "bench", "list_cmd", "train_source", "make_c", "export", "memory", "warmup")
+SUBCOMMANDS: tuple[str, ...] = ("run", "bench", "list_cmd", "train_source", "make_c", "export", "memory", "warmup", "ccc",
+                               "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

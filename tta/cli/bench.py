@@ -20,6 +20,8 @@ from tta.cli.run import (
     load_spec,
     meta,
     model_name,
+    parse_guard,
+    parse_realtime,
     parse_reset,
     resolve_preset,
     run_seed,
@@ -78,6 +80,8 @@ def bench(args: argparse.Namespace) -> int:
     names = select_adapters(args.adapters)
     overrides = split_assignments(args.assignments, names)
     reset = parse_reset(args.reset)
+    guard = parse_guard(args)
+    realtime = parse_realtime(args)
     spec = load_spec(args)
     seed = run_seed(args, spec)
     preset = resolve_preset(args, spec)
@@ -105,8 +109,10 @@ def bench(args: argparse.Namespace) -> int:
             configs[name] = adapter.config
             logger.info(f"[{name}]")
             try:
-                results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
-                                           progress=args.progress, seed=seed, log=logger.info)
+                if realtime is not None:  # the time unit: a forward of the source model, in this adapter's run
+                    realtime = parse_realtime(args, source=load_model(args), adapter=name)
+                results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
+                                           realtime=realtime, progress=args.progress, seed=seed, log=logger.info)
             except Exception as exc:  # noqa: BLE001 - one adapter's failure must not cost the others' results
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 logger.error(f"[{name}] failed: {failed[name]}", exc_info=out is not None and not isinstance(exc, TTAError))

@@ -41,7 +41,25 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--limit", type=int, default=None, metavar="N", help="images per domain (default: the spec's)")
     size.add_argument("--full", action="store_true", help="every image of every domain (the complete protocol)")
-    parser.add_argument("--reset", default=None, help="reset policy: never, domain or N batches (default: the spec's)")
+    parser.add_argument("--reset", default=None,
+                        help="reset policy: never, domain or N (reset every N batches; RDumb: 1000) (default: the spec's)")
+    parser.add_argument("--guard", action="store_true",
+                        help="run under the collapse guard: health signals, rollback/reset (tta.engine.guard)")
+    parser.add_argument("--guard-set", dest="guard_assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="collapse-guard setting (repeatable; implies --guard), e.g. --guard-set action=reset")
+    parser.add_argument("--stream-set", dest="stream_assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a stream spec field (repeatable), e.g. --stream-set length=300000")
+    parser.add_argument("--realtime", default=None, metavar="RATE",
+                        help="real-time protocol (Alfarra et al., ICML 2024): a batch arrives every K source-model "
+                             "forwards (Kx-source, e.g. 1x-source) or RATE batches per second; batches that arrive "
+                             "while the adapter is busy are predicted without adapting and count in the error")
+    parser.add_argument("--realtime-costs", default="calibrated", choices=("calibrated", "measured"),
+                        help="real-time step costs: calibrated once per run (deterministic schedule) or each "
+                             "step's measured time")
+    parser.add_argument("--realtime-cost", dest="realtime_cost", action="append", default=[],
+                        metavar="[ADAPTER=]COST",
+                        help="pin an adapter's step cost in source forwards instead of calibrating it (repeats a "
+                             "real-time run exactly, e.g. with the costs of a previous results.json); repeatable")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the stream order and of torch (default: the spec's)")
@@ -64,18 +82,58 @@ def parse_reset(value: str | None) -> str | int | None:
     if value is None or value in ("never", "domain"):
         return value
     try:
-        n = int(value)
-    except ValueError:
+        n = int(value.split()[-1]) if value.strip().lower().startswith("every") else int(value)
+    except (ValueError, IndexError):
         raise ConfigError(f"--reset must be never, domain or a number of batches, got {value!r}") from None
     if n < 1:
         raise ConfigError(f"--reset N needs N >= 1, got {n}")
     return n
 
 
+def parse_realtime(args: argparse.Namespace, source: Any = None, adapter: str | None = None) -> Any:
+    """The `RealtimeConfig` of --realtime / --realtime-costs / --realtime-cost for `adapter` (time unit:
+    `source`'s forward), or None."""
+    if getattr(args, "realtime", None) is None:
+        if getattr(args, "realtime_cost", None):
+            raise ConfigError("--realtime-cost needs --realtime RATE")
+        return None
+    from tta.engine.realtime import RealtimeConfig
+
+    return RealtimeConfig(rate=args.realtime, costs=args.realtime_costs, source=source,
+                          adapter_cost=pinned_cost(getattr(args, "realtime_cost", []) or [], adapter))
+
+
+def pinned_cost(items: list[str], adapter: str | None) -> float | None:
+    """The cost --realtime-cost gives `adapter` (``NAME=COST`` for one adapter, ``COST`` for all)."""
+    found = None
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            cost = float(value)
+        except ValueError:
+            raise ConfigError(f"--realtime-cost takes [ADAPTER=]COST (source forwards), got {item!r}") from None
+        if not (cost > 0 and cost != float("inf")):
+            raise ConfigError(f"--realtime-cost must be a positive number of source forwards, got {item!r}")
+        if not name or name == adapter:
+            found = cost
+    return found
+
+
+def parse_guard(args: argparse.Namespace) -> Any:
+    """The `GuardConfig` of --guard / --guard-set, or None."""
+    if not (getattr(args, "guard", False) or getattr(args, "guard_assignments", None)):
+        return None
+    from tta.engine.guard import GuardConfig
+
+    return GuardConfig.parse(args.guard_assignments)
+
+
 def load_spec(args: argparse.Namespace) -> Any:
     import tta.streams as streams
 
     spec = streams.load_spec(args.stream or streams.DEFAULT_SPEC)
+    if getattr(args, "stream_assignments", None):
+        spec = spec.with_overrides(args.stream_assignments)
     if args.full:
         spec = dataclasses.replace(spec, n_per_domain=None)
     return spec
@@ -184,7 +242,11 @@ def run(args: argparse.Namespace) -> int:
     load_plugins(args)
     overrides = get_adapter_class(args.adapter).Config.parse_assignments(args.assignments)
     reset = parse_reset(args.reset)
+    guard = parse_guard(args)
+    realtime = parse_realtime(args)
     video = args.video is not None or args.camera is not None
+    if video and realtime is not None:
+        raise ConfigError("--realtime applies to streams; frames from --video/--camera are processed as they come")
     if video:
         from tta.cli.video import check_video_arguments, open_frames
 
@@ -212,19 +274,21 @@ def run(args: argparse.Namespace) -> int:
 
             return run_frames(args, adapter, card, frames, out, meta(args, None, seed, preset,
                                                                      {adapter.name: adapter.config}), logger)
-        return _run_stream(args, adapter, spec, stream, seed, preset, reset, out, logger)
+        if realtime is not None:  # the time unit: a forward of the source model, loaded fresh
+            realtime = parse_realtime(args, source=load_model(args), adapter=adapter.name)
+        return _run_stream(args, adapter, spec, stream, seed, preset, reset, guard, realtime, out, logger)
 
 
 def _run_stream(args: argparse.Namespace, adapter: Any, spec: Any, stream: Any, seed: int, preset: str | None,
-                reset: Any, out: Path | None, logger: Any) -> int:
+                reset: Any, guard: Any, realtime: Any, out: Path | None, logger: Any) -> int:
     from tta.engine import run_stream
     from tta.engine.report import format_table, write_results
 
     logger.info(f"tta run: {adapter.name} on {model_name(args)}, stream {getattr(spec, 'name', args.stream)} "
                 f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, "
                 f"seed {seed}")
-    result = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset,
-                        progress=args.progress, seed=seed, log=logger.info)
+    result = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
+                        realtime=realtime, progress=args.progress, seed=seed, log=logger.info)
     logger.info(f"{result.images} images, {result.images_per_s:.1f} images/s, latency p50 {result.latency_ms_p50:.1f} ms "
                 f"p95 {result.latency_ms_p95:.1f} ms, {result.steps} adaptation steps on {result.device}")
     if out is not None:

@@ -31,6 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on an oversubscribed machine)")
+    parser.add_argument("--objective", choices=("ce", "knn"), default="ce",
+                        help="ce: cross-entropy of the linear head; knn: AdaNPC's kNN-vote objective against a queue "
+                        "of recent training features (head = linear probe fitted afterwards; writes the AdaNPC "
+                        "memory OUT.memory.safetensors)")
+    parser.add_argument("--knn-queue", type=int, default=1000, help="knn: queue rows (default 1000)")
+    parser.add_argument("--knn-k", type=int, default=10, help="knn: neighbours voting in training (default 10)")
+    parser.add_argument("--memory-rows", type=int, default=None,
+                        help="knn: rows of the written AdaNPC memory (first N training images; default all)")
+    parser.add_argument("--memory-dtype", choices=("float32", "float16"), default="float16",
+                        help="knn: row dtype of the written AdaNPC memory (default float16)")
+    parser.add_argument("--device", default="cpu",
+                        help="training device, e.g. cuda (evaluation and the card's figures always run on the CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -45,6 +57,13 @@ def canonical_command(args: argparse.Namespace) -> str:
             parts.append(f"{flag} {value}")
     if args.eval_every:
         parts.append(f"--eval-every {args.eval_every}")
+    if args.device != "cpu":
+        parts.append(f"--device {args.device}")
+    if args.objective != "ce":
+        parts.append(f"--objective {args.objective} --knn-queue {args.knn_queue} --knn-k {args.knn_k} "
+                     f"--memory-dtype {args.memory_dtype}")
+        if args.memory_rows is not None:
+            parts.append(f"--memory-rows {args.memory_rows}")
     if args.arch_kwargs:
         parts.append("--arch-kwargs " + shlex.quote(json.dumps(args.arch_kwargs, separators=(",", ":"))))
     return "tta train-source " + " ".join(parts)
@@ -64,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch, out=args.out, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every, limit_train=args.limit_train, limit_test=args.limit_test, arch_kwargs=args.arch_kwargs, data_dir=args.data_dir, command=canonical_command(args),
+        objective=args.objective, knn_queue=args.knn_queue, knn_k=args.knn_k, memory_rows=args.memory_rows,
+        memory_dtype=args.memory_dtype, device=args.device,
     )
     train_source(cfg, progress=not args.no_progress)
     return 0

@@ -25,6 +25,9 @@ from torch import nn
 from tta.engine.runner import autocast, predicted_classes, resolve_amp, resolve_device
 from tta.errors import InvalidInputError, NonFiniteInputError
 
+#: longest single wait of the worker (threading.TIMEOUT_MAX is ~292 years on Linux; one hour is plenty)
+_MAX_WAIT_S = min(3600.0, threading.TIMEOUT_MAX)
+
 
 @dataclass
 class _Pending:
@@ -38,7 +41,9 @@ class FrameBatcher:
 
     adapter: the adapted model (its `forward` predicts and adapts).
     batch_size: frames per micro-batch (flush as soon as this many wait).
-    max_wait_ms: flush a partial batch once its oldest frame has waited this long.
+    max_wait_ms: flush a partial batch once its oldest frame has waited this long; ``math.inf``
+        never flushes on time (only full batches, `flush()` and `close()`); any finite value above
+        `threading.TIMEOUT_MAX` waits in chunks of at most that.
     device: where the adapter runs (``"auto"``: CUDA when available).
     return_scores: futures resolve to the frame's output row (logits or probabilities) instead of
         its predicted class index.
@@ -75,10 +80,10 @@ class FrameBatcher:
             raise InvalidInputError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
         if input_size is not None and (len(input_size) != 3 or any(int(v) < 1 for v in input_size)):
             raise InvalidInputError(f"input_size must be (C, H, W) of positive sizes, got {input_size!r}")
-        if batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
-        if max_wait_ms < 0:
-            raise InvalidInputError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not max_wait_ms >= 0:
+            raise InvalidInputError(f"max_wait_ms must be a number >= 0 (math.inf: no time limit), got {max_wait_ms!r}")
         self.adapter = adapter
         self.batch_size = int(batch_size)
         self.max_wait_s = float(max_wait_ms) / 1e3
@@ -94,6 +99,7 @@ class FrameBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._flush = False
+        self._failure: BaseException | None = None  # set when the worker thread itself died
         self._worker = threading.Thread(target=self._work, name="tta-frames", daemon=True)
         self._worker.start()
 
@@ -107,6 +113,9 @@ class FrameBatcher:
             future.set_exception(exc)
             return future
         with self._cond:
+            if self._failure is not None:
+                raise RuntimeError(f"FrameBatcher's worker failed ({self._failure!r}); frames can no longer be "
+                                   "submitted") from self._failure
             if self._closed:
                 raise RuntimeError("FrameBatcher is closed; frames can no longer be submitted")
             self._pending.append(_Pending(tensor, future, time.monotonic()))
@@ -153,11 +162,13 @@ class FrameBatcher:
         with self._cond:
             while True:
                 if self._pending:
-                    due = self._pending[0].submitted + self.max_wait_s
+                    due = self._pending[0].submitted + self.max_wait_s  # inf when max_wait_ms is inf
                     if (len(self._pending) >= self.batch_size or self._closed or self._flush
                             or time.monotonic() >= due):
                         return self._take()
-                    self._cond.wait(timeout=max(0.0, due - time.monotonic()))
+                    # Condition.wait rejects timeouts above threading.TIMEOUT_MAX (OverflowError): wait in
+                    # chunks; a new frame, flush() or close() wakes the worker earlier anyway
+                    self._cond.wait(timeout=min(max(0.0, due - time.monotonic()), _MAX_WAIT_S))
                 elif self._closed:
                     return None
                 else:
@@ -172,6 +183,17 @@ class FrameBatcher:
         return batch
 
     def _work(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave futures hanging
+            with self._cond:
+                self._failure = exc
+                pending, self._pending = list(self._pending), deque()
+            for p in pending:
+                if p.future.set_running_or_notify_cancel():
+                    p.future.set_exception(exc)
+
+    def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
             if not live:

@@ -26,6 +26,12 @@ class RunResult:
     skipped_nonfinite_loss: steps whose loss was non-finite (not applied).
     nonfinite_param_resets: resets to the source state after an update left non-finite parameters.
     resets: resets made by the reset policy.
+    nonfinite_outputs: batches whose outputs held NaN/Inf (a healthy run has 0).
+    guard_events: what the collapse guard did (`tta.engine.guard`): batch, action, reason, signals;
+        guard: its settings and counts (None without a guard); guard_seconds: time spent in it.
+    realtime: the real-time protocol's settings, costs and counts (`RealtimeSchedule.summary`:
+        ``adapted_fraction`` of the batches), None without it.
+    trace: images, correct predictions and elapsed seconds per batch (`windows()` groups them).
     predictions: predicted class per image (-1 for skipped batches) when kept, else None.
     """
 
@@ -47,17 +53,89 @@ class RunResult:
     skipped_nonfinite_loss: int = 0
     nonfinite_param_resets: int = 0
     resets: int = 0
+    nonfinite_outputs: int = 0
     device: str = "cpu"
     amp: str | None = None
+    guard_events: list[dict[str, Any]] = field(default_factory=list)
+    guard: dict[str, Any] | None = None
+    guard_seconds: float = 0.0
+    realtime: dict[str, Any] | None = None
+    trace: "BatchTrace | None" = field(default=None, repr=False)
     predictions: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def accuracy(self) -> float | None:
         return None if self.mean_error is None else 100.0 - self.mean_error
 
+    @property
+    def stream_error(self) -> float | None:
+        """Error % over every image of the stream (a window-size-free figure; `mean_error` averages domains)."""
+        if self.trace is None or not self.trace.labeled:
+            return None
+        return 100.0 * (1.0 - sum(self.trace.correct) / sum(self.trace.images))
+
+    def windows(self, size: int) -> list[dict[str, float]]:
+        """Consecutive windows of `size` images (see `BatchTrace.windows`)."""
+        if self.trace is None:
+            return []
+        return self.trace.windows(size)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (predictions left out)."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "predictions"}
+        """JSON-ready dict (predictions left out; the trace as lists)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("predictions", "trace")}
+        out["trace"] = None if self.trace is None else self.trace.to_dict()
+        return out
+
+
+@dataclass
+class BatchTrace:
+    """Per batch: images, correct predictions (skipped batches: 0; unlabeled: -1), seconds since the
+    start of the run at the end of the batch. Small: three numbers per batch."""
+
+    images: list[int] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.correct) and min(self.correct) >= 0
+
+    def add(self, images: int, correct: int, seconds: float) -> None:
+        self.images.append(int(images))
+        self.correct.append(int(correct))
+        self.seconds.append(round(float(seconds), 4))
+
+    def windows(self, size: int) -> list[dict[str, float]]:
+        """Consecutive windows of about `size` images (whole batches; a window closes at the first
+        batch boundary at or past each multiple of `size`; the last may be shorter): start image,
+        images, error % (None when unlabeled) and images/s of each."""
+        if size < 1:
+            raise ValueError(f"window size must be >= 1, got {size}")
+        out: list[dict[str, float]] = []
+        start = seen = correct = 0
+        t0 = 0.0
+        labeled = self.labeled
+        for n, c, t in zip(self.images, self.correct, self.seconds):
+            seen += n
+            correct += c
+            if seen - start >= size:
+                out.append(self._window(start, seen - start, correct, t - t0, labeled))
+                start, correct, t0 = seen, 0, t
+        if seen > start:
+            out.append(self._window(start, seen - start, correct, self.seconds[-1] - t0, labeled))
+        return out
+
+    @staticmethod
+    def _window(start: int, n: int, correct: int, seconds: float, labeled: bool) -> dict[str, float]:
+        return {
+            "start": start,
+            "images": n,
+            "error": 100.0 * (1.0 - correct / n) if labeled else None,
+            "images_per_s": n / seconds if seconds > 0 else float("nan"),
+        }
+
+    def to_dict(self) -> dict[str, list]:
+        return {"images": list(self.images), "correct": list(self.correct), "seconds": list(self.seconds)}
 
 
 class ErrorCounter:

@@ -39,7 +39,12 @@ def results_dict(results: Mapping[str, RunResult]) -> dict[str, dict[str, Any]]:
             "steps": r.steps,
             "skipped_batches": r.skipped_batches,
             "resets": r.resets,
+            "stream_error": None if r.stream_error is None else round(r.stream_error, 4),
+            "nonfinite_outputs": r.nonfinite_outputs,
+            "guard_actions": sum(e["action"] != "none" for e in r.guard_events),
         }
+        if r.realtime is not None:
+            out[name]["realtime"] = dict(r.realtime)
     return out
 
 
@@ -48,13 +53,20 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def format_table(results: Mapping[str, RunResult]) -> str:
-    """Rows: adapters; columns: error % per domain, mean, images/s."""
+    """Rows: adapters; columns: error % per domain, mean, images/s (+ adapted % and step cost in source
+    forwards under the real-time protocol)."""
     domains = domain_order(results)
     header = ["adapter", *domains, "mean", "images/s"]
     rows = [
         [name, *(_fmt(r.domain_errors.get(d)) for d in domains), _fmt(r.mean_error), _fmt(r.images_per_s, 1)]
         for name, r in results.items()
     ]
+    if any(r.realtime is not None for r in results.values()):  # the real-time protocol's columns
+        header += ["adapted %", "cost"]
+        for row, r in zip(rows, results.values()):
+            rt = r.realtime or {}
+            fraction = rt.get("adapted_fraction")
+            row += [_fmt(None if fraction is None else 100.0 * fraction, 1), _fmt(rt.get("adapter_cost_source_forwards"))]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))

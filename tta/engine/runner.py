@@ -13,10 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tta.engine.metrics import ErrorCounter, RunResult, percentile
+from tta.engine.guard import CollapseGuard, GuardConfig
+from tta.engine.metrics import BatchTrace, ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
+from tta.engine.realtime import RealtimeConfig, RealtimeSchedule, as_realtime_config
 from tta.errors import ConfigError, InputValueError
 from tta.streams.base import Batch, Stream
+from tta.streams.base import check_reset
 
 logger = logging.getLogger("tta.engine")
 
@@ -61,14 +64,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_reset(reset: ResetPolicy) -> ResetPolicy:
-    if reset in ("never", "domain"):
-        return reset
-    if isinstance(reset, int) and not isinstance(reset, bool) and reset >= 1:
-        return reset
-    raise ConfigError(f"reset must be 'never', 'domain' or a number of batches >= 1, got {reset!r}")
-
-
 def predicted_classes(outputs: torch.Tensor) -> torch.Tensor:
     """Argmax over classes; works for logits and probabilities alike."""
     return outputs.argmax(1)
@@ -86,6 +81,8 @@ def run_stream(
     seed: int | None = None,
     on_nonfinite: Literal["skip", "raise"] = "skip",
     keep_predictions: bool = False,
+    guard: GuardConfig | bool | None = None,
+    realtime: RealtimeConfig | str | float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Predict-and-adapt on every batch of `stream`; returns per-domain error and speed metrics.
@@ -93,8 +90,9 @@ def run_stream(
     device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...; the adapter is moved there.
     amp: autocast the adapter's forward (off by default; True = bf16 on CPU, fp16 on CUDA).
     reset: ``"never"``, ``"domain"`` (reset to the source state when the batch domain changes) or
-        N (reset before every N-th batch: after batches N, 2N, ...); None = the stream's own
-        policy (its ``reset`` attribute, set by stream specs), else ``"never"``.
+        N (reset before every N-th batch: after batches N, 2N, ...; RDumb's periodic reset, Press et
+        al. 2023, is N = 1000; ``"every N"`` also reads as N); None = the stream's own policy (its
+        ``reset`` attribute, set by stream specs), else ``"never"``.
     prefetch: batches loaded ahead in a background thread (0 = load in the calling thread);
         on CUDA they are pinned and copied asynchronously.
     seed: seeds Python/NumPy/torch global generators before the run (the adapter's own generators
@@ -103,13 +101,20 @@ def run_stream(
         by the adapter before any state change; ``"skip"`` counts it (its samples count as errors)
         and goes on, ``"raise"`` re-raises.
     keep_predictions: keep the predicted class of every image (``-1`` for skipped batches).
+    guard: run the adapter under a `CollapseGuard` (True = default `GuardConfig`): its events
+        (rollbacks, resets, with the signals that triggered them) go into ``guard_events``.
+    realtime: the real-time protocol of Alfarra et al. (ICML 2024; `tta.engine.realtime`): batches
+        arrive at a fixed rate (``"2x-source"``: a batch every 2 source-model forwards; a number:
+        batches per second, or a `RealtimeConfig`); batches arriving while the adapter is busy are
+        predicted by its current state without an update and count in the error. Its settings,
+        costs and the fraction of batches adapted go into ``realtime``.
     log: receives one line per finished domain and the mean; default: printed under the
         progress bar when `progress`, else sent to the ``tta.engine`` logger. Domain lines read as
         the reference CTTA library (mariodoebler/test-time-adaptation) writes them:
         ``fashion-mnist-c error % [fog5][#samples=2000]: 65.50%`` (the stream's `dataset` and
         `domain_labels`, set by stream specs, give the dataset and the corruption+severity label).
     """
-    reset = _check_reset(getattr(stream, "reset", "never") if reset is None else reset)
+    reset = check_reset(getattr(stream, "reset", "never") if reset is None else reset)
     if on_nonfinite not in ("skip", "raise"):
         raise ConfigError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
     if prefetch < 0:
@@ -121,6 +126,11 @@ def run_stream(
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     adapter.to(dev)
+    if guard is True:
+        guard = GuardConfig()
+    watcher = CollapseGuard(adapter, guard).to(dev) if guard else None
+    realtime = as_realtime_config(realtime)
+    schedule = RealtimeSchedule(realtime) if realtime is not None else None
 
     tqdm_cls = _tqdm() if progress else None
     if log is None:
@@ -133,7 +143,9 @@ def run_stream(
 
     latencies: list[float] = []
     predictions: list[torch.Tensor] = []
-    images = batches = skipped_batches = skipped_images = resets = 0
+    trace = BatchTrace()
+    guard_seconds = 0.0
+    images = batches = skipped_batches = skipped_images = resets = nonfinite_outputs = 0
     current: str | None = None
     mixed = False  # per-sample domains: per-domain lines are printed at the end
     logged: set[str] = set()
@@ -166,6 +178,8 @@ def run_stream(
                     if reset == "domain":
                         adapter.reset()
                         resets += 1
+                        if watcher is not None:
+                            watcher.notify_reset()
                 if tqdm_cls is not None:
                     if bar is not None:
                         bar.close()
@@ -175,6 +189,8 @@ def run_stream(
             if isinstance(reset, int) and k > 0 and k % reset == 0:
                 adapter.reset()
                 resets += 1
+                if watcher is not None:
+                    watcher.notify_reset()
             mixed = mixed or batch.sample_domains is not None
 
             n = len(batch)
@@ -182,8 +198,16 @@ def run_stream(
             try:
                 x = batch.x.to(dev, non_blocking=non_blocking)
                 with autocast(dev, amp_dtype):
-                    outputs = adapter(x)
+                    if schedule is None:
+                        outputs = adapter(x)
+                    else:
+                        if schedule.interval is None:  # costs measured once, on the first batch
+                            schedule.calibrate(adapter, x)
+                            t_start = t0 = time.perf_counter()
+                        outputs = schedule.step(adapter, k, x)
                 pred = predicted_classes(outputs).cpu()  # host sync: latency includes the device work
+                if not bool(torch.isfinite(outputs).all()):
+                    nonfinite_outputs += 1
             except InputValueError as exc:
                 if on_nonfinite == "raise":
                     raise
@@ -192,15 +216,27 @@ def run_stream(
                 log(f"skipped batch {k} [{batch.domain}]: {exc}")
                 pred = None
             latencies.append((time.perf_counter() - t0) * 1e3)
+            if watcher is not None and pred is not None:
+                tg = time.perf_counter()
+                event = watcher.observe(k, x, outputs)
+                guard_seconds += time.perf_counter() - tg
+                if event is not None:
+                    log(f"guard: {event['action']} at batch {k} ({event['reason']}; "
+                        + ", ".join(f"{key} {v:.3f}" for key, v in event["signals"].items()) + ")")
             batches += 1
             images += n
 
+            correct = -1
             if batch.y is not None:
                 y = batch.y.cpu()
                 if pred is None:
                     counter.add_wrong(batch.domain, batch.sample_domains, n)
+                    correct = 0
                 else:
-                    counter.add(batch.domain, batch.sample_domains, pred == y)
+                    hits = pred == y
+                    counter.add(batch.domain, batch.sample_domains, hits)
+                    correct = int(hits.sum())
+            trace.add(n, correct, time.perf_counter() - t_start)
             if keep_predictions:
                 predictions.append(pred if pred is not None else torch.full((n,), -1, dtype=torch.int64))
             if bar is not None:
@@ -223,6 +259,13 @@ def run_stream(
     mean = float(np.mean(list(errors.values()))) if errors else None
     if mean is not None:
         log(f"mean error: {mean:.2f}%")
+    if nonfinite_outputs:
+        log(f"warning: {nonfinite_outputs} batch(es) produced NaN/Inf outputs")
+    if watcher is not None:
+        acted = [e for e in watcher.events if e["action"] != "none"]
+        log(f"guard: {len(acted)} action(s) ({sum(e['action'] == 'rollback' for e in acted)} rollbacks, "
+            f"{sum(e['action'] == 'reset' for e in acted)} resets), {watcher.probes} probes, "
+            f"{watcher.checkpoints_taken} checkpoints")
     if skipped_batches:
         log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite or out-of-range "
             "values; counted as errors")
@@ -260,8 +303,14 @@ def run_stream(
         skipped_nonfinite_loss=delta("skipped_nonfinite_loss"),
         nonfinite_param_resets=delta("nonfinite_param_resets"),
         resets=resets,
+        nonfinite_outputs=nonfinite_outputs,
         device=str(dev),
         amp=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        guard_events=list(watcher.events) if watcher is not None else [],
+        guard=watcher.summary() if watcher is not None else None,
+        guard_seconds=guard_seconds,
+        realtime=schedule.summary() if schedule is not None else None,
+        trace=trace,
         predictions=torch.cat(predictions) if keep_predictions and predictions else None,
     )
 

@@ -24,6 +24,9 @@ def _edge_config(adapter) -> EdgeAdaNPCConfig:  # noqa: ANN001 - tta.adapters.ad
     cfg = adapter.config
     if cfg.class_balanced:
         raise ConfigError("the edge AdaNPC memory evicts FIFO only; this adapter uses class_balanced eviction")
+    if cfg.feature_bn or not cfg.extend_memory:
+        raise ConfigError("the edge AdaNPC runs the plain variant (extend_memory=True, no feature_bn); this adapter "
+                          f"has feature_bn={cfg.feature_bn}, extend_memory={cfg.extend_memory}")
     return EdgeAdaNPCConfig(k=cfg.k, temperature=cfg.temperature, beta=cfg.beta, capacity=cfg.capacity,
                             storage_dtype=cfg.storage_dtype, softmax_confidence=cfg.softmax_confidence)
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tta.streams.names import RESETS, check_reset  # noqa: F401 - re-exported
+
 
 @dataclass
 class Batch:

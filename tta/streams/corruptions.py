@@ -17,6 +17,17 @@ Every corruption works on a whole uint8 NHWC batch at once:
 - JPEG is the only per-image Python loop (the codec works on one image).
 Two behaviours of the original code are reproduced on purpose: glass blur's "swap" is a copy (see
 `glass_blur`), and zoom blur's zoom list starts at 1.0 (the clean image is counted twice).
+
+Severities are continuous in [0, 5]: integers 1..5 are the CIFAR-10-C constants exactly; a fractional
+severity interpolates every constant linearly between its two neighbouring integer severities, and
+severity 0 is the clean image, with `CLEAN_PARAMS` as the constants the corruption tends to as it
+vanishes (no noise, a blur of radius 0, image weight 1...). This is how CCC (Press et al., "RDumb",
+NeurIPS 2023) makes ImageNet-C severities continuous; here it is applied to the CIFAR-10-C table.
+Shot noise interpolates 1/c (the noise scale); defocus blur mixes its two neighbouring operators
+(its constants trade a disk radius against an anti-aliasing blur, so interpolating them is not
+monotone); glass blur's last, fractional pass moves each pixel with that probability; the other
+integer constants (motion-blur radii, JPEG quality) are rounded. Fractional severities are rounded to
+1/100 so the cached blur operators of a slowly moving severity are reused.
 Random numbers come from one `numpy.random.Generator` seeded by `seed`, so a call is deterministic;
 the random streams differ from the original code, the distributions do not. Results are clipped to
 [0, 1] and stored as uint8 by truncation (x * 255), as the original generator did.
@@ -65,6 +76,36 @@ PARAMS: dict[str, tuple] = {
     "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),
     "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1),
     "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+}
+
+#: The constants at severity 0: where each constant of `PARAMS` goes as the corruption vanishes.
+#: Interpolating between this row and severity 1 gives severities in (0, 1); severity 0 itself
+#: returns the clean image without calling the corruption.
+CLEAN_PARAMS: dict[str, object] = {
+    "gaussian_noise": 0.0,
+    "shot_noise": float("inf"),  # interpolated as 1/c: 0 = no photon noise
+    "impulse_noise": 0.0,
+    "defocus_blur": (0.0, 0.0),
+    "glass_blur": (0.0, 1, 0),
+    "motion_blur": (0, 0.0),
+    "zoom_blur": 1.01,  # the largest zoom factor (exclusive): np.arange(1, 1.01, 0.01) = [1.0]
+    "snow": (0.1, 0.2, 1.0, 1.0, 8, 3.0, 1.0),
+    "frost": (1.0, 0.0),
+    "fog": (0.0, 3.0),
+    "brightness": 0.0,
+    "contrast": 1.0,
+    "elastic_transform": (0.0, 0.0, 0.0),
+    "pixelate": 1.0,
+    "jpeg_compression": 100,
+    "speckle_noise": 0.0,
+    "gaussian_blur": 0.0,
+    "saturate": (1.0, 0.0),
+}
+#: zoom blur's largest zoom factor (exclusive) per severity 1..5, the interpolated constant
+ZOOM_MAX: tuple[float, ...] = (1.06, 1.11, 1.16, 1.21, 1.26)
+#: positions of integer-valued constants (rounded after interpolation)
+_INTEGER_FIELDS: dict[str, tuple[int, ...]] = {
+    "glass_blur": (1,), "motion_blur": (0,), "snow": (4,), "jpeg_compression": (0,),
 }
 
 Array = np.ndarray
@@ -294,7 +335,7 @@ def gaussian_blur(x: Array, sigma: float, rng: np.random.Generator) -> Array:
     return _gaussian(x, sigma)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=32)
 def _defocus_operator(h: int, w: int, radius: float, alias_blur: float) -> Array:
     if radius <= 8:
         grid, ksize = np.arange(-8, 9), (3, 3)
@@ -311,8 +352,16 @@ def _defocus_operator(h: int, w: int, radius: float, alias_blur: float) -> Array
     return _operator_from(filt, h, w)
 
 
-def defocus_blur(x: Array, c: tuple[float, float], rng: np.random.Generator) -> Array:
-    return _apply_operator(x, _defocus_operator(x.shape[1], x.shape[2], *c))
+def defocus_blur(x: Array, c: tuple, rng: np.random.Generator) -> Array:
+    """`c` = (radius, alias_blur), or for a fractional severity ((radius, alias_blur, weight), ...): the
+    weighted sum of the neighbouring severities' operators (radius 0 = the identity). Interpolating the
+    two constants instead would not be monotone: severities 1..3 blur through alias_blur alone, 4..5
+    through the disk, and a radius below 1 is a single pixel whatever its value."""
+    h, w = x.shape[1], x.shape[2]
+    if not isinstance(c[0], tuple):
+        return _apply_operator(x, _defocus_operator(h, w, *c))
+    op = sum(wt * (np.eye(h * w, dtype=np.float32) if r == 0 else _defocus_operator(h, w, r, a)) for r, a, wt in c)
+    return _apply_operator(x, op.astype(np.float32))
 
 
 def glass_blur(x: Array, c: tuple[float, int, int], rng: np.random.Generator) -> Array:
@@ -322,17 +371,24 @@ def glass_blur(x: Array, c: tuple[float, int, int], rng: np.random.Generator) ->
     array, where both sides are numpy views: the first assignment overwrites the pixel that the second
     then copies back, so the effect is a copy ``x[h, w] = x[h', w']`` (pixels are dragged up-left, not
     exchanged). CIFAR-10-C was generated that way, so this reproduces the copy. The scan is sequential
-    (a moved pixel can move again); each position is processed for every image of the batch at once."""
+    (a moved pixel can move again); each position is processed for every image of the batch at once.
+    A fractional number of passes (fractional severities) makes the last pass move each pixel with
+    probability equal to the fraction, so the strength grows continuously with the severity."""
     sigma, delta, iterations = c
     n, h, w, _ = x.shape
     img = np.floor(_gaussian(x, sigma) * 255).clip(0, 255).astype(np.uint8)
     nn = np.arange(n)
-    for _ in range(iterations):
+    for k in range(int(np.ceil(iterations))):
+        p = min(1.0, iterations - k)
         for r in range(h - delta, delta, -1):
             offsets = rng.integers(-delta, delta, size=(w, n, 2))
+            moves = rng.random((w, n)) < p if p < 1 else None
             for col in range(w - delta, delta, -1):
                 dx, dy = offsets[col, :, 0], offsets[col, :, 1]
-                img[nn, r, col] = img[nn, r + dy, col + dx]
+                if moves is None:
+                    img[nn, r, col] = img[nn, r + dy, col + dx]
+                else:
+                    img[nn, r, col] = np.where(moves[col, :, None], img[nn, r + dy, col + dx], img[nn, r, col])
     return _gaussian(img.astype(np.float32) / 255, sigma)
 
 
@@ -342,17 +398,16 @@ def motion_blur(x: Array, c: tuple[int, float], rng: np.random.Generator) -> Arr
     return np.round(np.clip(out, 0, 1) * 255) / 255  # ImageMagick returns 8-bit pixels
 
 
-@lru_cache(maxsize=16)
-def _zoom_blur_operator(h: int, w: int, severity: int) -> Array:
-    zooms = PARAMS["zoom_blur"][severity - 1]
+@lru_cache(maxsize=32)
+def _zoom_blur_operator(h: int, w: int, zooms: tuple[float, ...]) -> Array:
     op = np.eye(h * w)
     for z in zooms:
         op += np.kron(_zoom_axis(h, z), _zoom_axis(w, z))
     return (op / (len(zooms) + 1)).astype(np.float32)
 
 
-def zoom_blur(x: Array, severity: int, rng: np.random.Generator) -> Array:
-    return _apply_operator(x, _zoom_blur_operator(x.shape[1], x.shape[2], severity))
+def zoom_blur(x: Array, zooms: tuple[float, ...], rng: np.random.Generator) -> Array:
+    return _apply_operator(x, _zoom_blur_operator(x.shape[1], x.shape[2], zooms))
 
 
 def snow(x: Array, c: tuple, rng: np.random.Generator) -> Array:
@@ -482,16 +537,74 @@ _FUNCS: dict[str, Callable[[Array, object, np.random.Generator], Array]] = {
 # public entry point
 
 
-def _validate(images: Array, name: str, severity: int) -> None:
+def _check_severity(severity: object) -> float:
+    """A severity in [0, 5] (int or float; fractional values rounded to 1/100)."""
+    if isinstance(severity, (bool, np.bool_)) or not isinstance(severity, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"severity must be a number in 0..5, got {severity!r}")
+    value = float(severity)
+    if not 0.0 <= value <= 5.0:  # also rejects NaN
+        raise ConfigError(f"severity must be a number in 0..5, got {severity!r}")
+    return round(value, 2)
+
+
+def _validate(images: Array, name: str, severity: object) -> float:
     if name not in CORRUPTIONS:
         raise ConfigError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
-        raise ConfigError(f"severity must be an integer in 1..5, got {severity!r}")
+    value = _check_severity(severity)
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise InvalidInputError(f"images must be a uint8 numpy array (N, H, W, 3), got {type(images).__name__} "
                                 f"{getattr(images, 'dtype', '')}")
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] < 8 or images.shape[2] < 8:
         raise InvalidInputError(f"images must have shape (N, H, W, 3) with H, W >= 8, got {images.shape}")
+    return value
+
+
+def _row(name: str, severity: int) -> object:
+    """The constants of integer severity 0..5 in interpolation space."""
+    if name == "zoom_blur":
+        return CLEAN_PARAMS[name] if severity == 0 else ZOOM_MAX[severity - 1]
+    row = CLEAN_PARAMS[name] if severity == 0 else PARAMS[name][severity - 1]
+    if name == "shot_noise":
+        return 1.0 / row  # interpolate the noise scale 1/c (1/inf = 0 at severity 0)
+    return row
+
+
+def corruption_params(name: str, severity: float) -> object:
+    """The constants `corrupt` uses for `name` at `severity` in (0, 5].
+
+    Integer severities return the CIFAR-10-C constants unchanged; fractional ones interpolate
+    linearly between the neighbouring integer severities (severity 0 = `CLEAN_PARAMS`), except
+    defocus blur, whose two neighbouring operators are mixed (see `defocus_blur`). Zoom blur's
+    constant is its tuple of zoom factors; glass blur's number of passes may be fractional."""
+    if name not in CORRUPTIONS:
+        raise ConfigError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
+    value = _check_severity(severity)
+    if value == 0:
+        raise ConfigError(f"severity 0 is the clean image: {name} has no constants there")
+    lo = int(np.floor(value))
+    frac = value - lo
+    if frac == 0:
+        if name == "zoom_blur":
+            return tuple(float(z) for z in PARAMS[name][lo - 1])
+        return PARAMS[name][lo - 1]
+    a, b = _row(name, lo), _row(name, lo + 1)
+    if name == "defocus_blur":  # a weighted sum of the two operators (see `defocus_blur`)
+        return ((*a, 1 - frac), (*b, frac))
+    if isinstance(a, tuple):
+        mixed: object = tuple((1 - frac) * u + frac * v for u, v in zip(a, b))
+    else:
+        mixed = (1 - frac) * a + frac * b
+    if name == "zoom_blur":
+        return tuple(float(z) for z in np.arange(1, mixed, 0.01))
+    if name == "shot_noise":
+        return 1.0 / mixed
+    ints = _INTEGER_FIELDS.get(name)
+    if ints is not None:
+        if isinstance(mixed, tuple):
+            mixed = tuple(int(np.floor(v + 0.5)) if i in ints else v for i, v in enumerate(mixed))
+        else:
+            mixed = int(np.floor(mixed + 0.5))
+    return mixed
 
 
 def _delegate_imagenet_c(images: Array, name: str, severity: int, rng: np.random.Generator) -> Array:
@@ -515,21 +628,23 @@ def _delegate_imagenet_c(images: Array, name: str, severity: int, rng: np.random
     return out
 
 
-def corrupt(images: Array, name: str, severity: int, seed: int | np.random.SeedSequence | None = None) -> Array:
-    """Corrupt a uint8 batch (N, H, W, 3) with corruption `name` at `severity` (1..5).
+def corrupt(images: Array, name: str, severity: float, seed: int | np.random.SeedSequence | None = None) -> Array:
+    """Corrupt a uint8 batch (N, H, W, 3) with corruption `name` at `severity` (0..5).
 
     Returns a new uint8 array of the same shape. `seed` (int or SeedSequence) makes the call
     deterministic; None draws fresh entropy. Images up to 64 px use the CIFAR-10-C constants
-    (batched, this module); larger images the ImageNet-C constants (per image, `imagecorruptions`).
+    (batched, this module), at any severity in [0, 5] (fractional ones interpolated, 0 = clean);
+    larger images the ImageNet-C constants (per image, `imagecorruptions`, integer severities).
     """
-    _validate(images, name, severity)
+    value = _validate(images, name, severity)
     rng = np.random.default_rng(seed)
-    if images.shape[0] == 0:
+    if images.shape[0] == 0 or value == 0:
         return images.copy()
     if max(images.shape[1], images.shape[2]) > SMALL_IMAGE_MAX:
-        return _delegate_imagenet_c(images, name, int(severity), rng)
+        if value != int(value):
+            raise ConfigError(f"fractional severity {severity} needs images of at most {SMALL_IMAGE_MAX} px "
+                              "(the ImageNet-C constants are applied per integer severity)")
+        return _delegate_imagenet_c(images, name, int(value), rng)
     x = images.astype(np.float32) / 255
-    param = int(severity) if name == "zoom_blur" else PARAMS[name][int(severity) - 1]
-    out = _FUNCS[name](x, param, rng)
+    out = _FUNCS[name](x, corruption_params(name, value), rng)
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
-

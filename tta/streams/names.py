@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tta.errors import ConfigError
+
 #: The 15 standard corruptions in the continual CTTA order of TENT / CoTTA (Hendrycks & Dietterich's
 #: CIFAR-10-C order: noise, blur, weather, digital).
 STANDARD_ORDER: tuple[str, ...] = (
@@ -17,3 +19,20 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 #: Sample order within a domain, and the reset policies a stream can carry.
 ORDERS: tuple[str, ...] = ("shuffle", "file", "dirichlet")
 RESETS: tuple[str, ...] = ("never", "domain")
+#: CCC difficulty levels: the source-model accuracy (%) a `ccc` stream holds (`tta.streams.ccc`).
+DIFFICULTIES: dict[str, float] = {"easy": 70.0, "medium": 50.0, "hard": 25.0}
+
+
+def check_reset(reset: object) -> str | int:
+    """A stream's reset policy: "never", "domain", or N = reset every N batches (RDumb's periodic
+    reset, Press et al. 2023, resets every 1,000 steps); ``"every N"`` is read as N."""
+    if isinstance(reset, str) and reset.strip().lower().startswith("every"):
+        try:
+            reset = int(reset.split(None, 1)[1])
+        except (IndexError, ValueError):
+            raise ConfigError(f"reset 'every N' needs a number of batches, got {reset!r}") from None
+    if reset in RESETS:
+        return reset  # type: ignore[return-value]
+    if isinstance(reset, int) and not isinstance(reset, bool) and reset >= 1:
+        return reset
+    raise ConfigError(f"reset must be one of {RESETS} or 'every N' (N batches >= 1), got {reset!r}")

@@ -2,7 +2,8 @@
 
 - `ContinualStream`: domains one after the other (the standard CTTA protocol: the 15 corruptions at
   severity 5 in `STANDARD_ORDER`, model reset once before the first domain). The reset policy is a
-  plain attribute (`reset`: "never" = continual, "domain" = reset_each_shift) that the engine reads.
+  plain attribute the engine reads (`reset`: "never" = continual, "domain" = reset_each_shift, or
+  N = every N batches, see `check_reset`).
 - `GradualStream`: per corruption, severities 1, 2, 3, 4, 5, 4, 3, 2, 1 (CoTTA's gradual setting);
   `first_from_5` starts the first corruption at 5, 4, 3, 2, 1 (the model has not seen a mild
   severity first).
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from tta.errors import ConfigError
-from tta.streams.base import Batch, Stream
+from tta.streams.base import Batch, Stream, check_reset
 from tta.streams.datasets import DomainData
 from tta.streams.names import ORDERS, RESETS  # noqa: F401 - re-exported
 
@@ -92,14 +93,12 @@ def order_indices(
 class SegmentStream(Stream):
     """Segments shown one after the other, split into batches (a batch never spans two segments)."""
 
-    def __init__(self, segments: Sequence[Segment], batch_size: int, reset: str = "never") -> None:
+    def __init__(self, segments: Sequence[Segment], batch_size: int, reset: str | int = "never") -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if reset not in RESETS:
-            raise ConfigError(f"reset must be one of {RESETS}, got {reset!r}")
         self.segments = list(segments)
         self.batch_size = int(batch_size)
-        self.reset = reset
+        self.reset = check_reset(reset)
         self.domains = []
         self.domain_sizes = {}
         for seg in self.segments:
@@ -130,7 +129,7 @@ class ContinualStream(SegmentStream):
         order: str = "shuffle",
         concentration: float | None = None,
         seed: int = 0,
-        reset: str = "never",
+        reset: str | int = "never",
     ) -> None:
         rng = np.random.default_rng(seed)
         segments = [Segment(name, data, order_indices(data, order, n_per_domain, rng, concentration)) for name, data in domains]
@@ -160,7 +159,7 @@ class GradualStream(SegmentStream):
         order: str = "shuffle",
         concentration: float | None = None,
         seed: int = 0,
-        reset: str = "never",
+        reset: str | int = "never",
     ) -> None:
         rng = np.random.default_rng(seed)
         segments = []
@@ -185,15 +184,13 @@ class MixedDomainStream(Stream):
         *,
         n_per_domain: int | None = None,
         seed: int = 0,
-        reset: str = "never",
+        reset: str | int = "never",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if reset not in RESETS:
-            raise ConfigError(f"reset must be one of {RESETS}, got {reset!r}")
         rng = np.random.default_rng(seed)
         self.batch_size = int(batch_size)
-        self.reset = reset
+        self.reset = check_reset(reset)
         self.data = [data for _, data in domains]
         self.domains = [name for name, _ in domains]
         picks = [order_indices(data, "shuffle", n_per_domain, rng) for data in self.data]

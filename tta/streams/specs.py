@@ -5,10 +5,10 @@ A spec names its data (a folder under the data root), the setting and the protoc
     name: fmnist-c-continual
     dataset: fashion-mnist-c          # fashion-mnist-c | cifar10-c | cifar100-c | imagenet-c
     data: fashion-mnist-c             # folder under the data root (`tta.paths.data_root()`)
-    setting: continual                # continual | gradual | mixed
+    setting: continual                # continual | gradual | mixed | recurring | ccc
     corruptions: standard             # "standard" (STANDARD_ORDER) or a list
     severities: [5]
-    reset: never                      # never (continual) | domain (reset_each_shift)
+    reset: never                      # never (continual) | domain (reset_each_shift) | every N (batches)
     order: shuffle                    # shuffle | file | dirichlet
     concentration: null               # Dirichlet concentration (order: dirichlet)
     first_from_5: false               # gradual: first corruption 5..1
@@ -16,6 +16,18 @@ A spec names its data (a folder under the data root), the setting and the protoc
     n_per_domain: 2000                # null = every image
     seed: 1
     preset: cifar10                   # adapter config preset the engine applies (cifar10|cifar100|imagenet)
+
+Long streams (`setting: recurring` / `ccc`, see `tta.streams.generated` and `tta.streams.ccc`):
+
+    recurrences: 20                   # recurring: the domain sequence repeated this many times
+    difficulty: medium                # ccc: easy | medium | hard (or target_accuracy: %)
+    speed: 2000                       # ccc: images per 0.25 of severity change (CCC: 1000, 2000, 5000)
+    length: 1000000                   # ccc: images in the stream
+    calibration: fmnist-ccc.calibration.json   # ccc: `tta calibrate-ccc` output, relative to the spec
+
+With the clean dataset ``fashion-mnist`` (the official idx files, `tta.streams.fashion_mnist`) the
+corruptions are generated on the fly, batch by batch (nothing stored, any length); a recurring
+stream over a stored "-C" set repeats its stored domains.
 
 Specs are found by name in the search order of `tta.paths` ($TTA_STREAMS_DIR, ./streams, the per-user
 folder, the shipped specs); data under `tta.paths.data_root()` ($TTA_DATA_DIR, else the per-user data
@@ -36,17 +48,25 @@ import yaml
 
 from tta import paths
 from tta.errors import ConfigError, DataNotFoundError
-from tta.streams.names import CORRUPTIONS, ORDERS, RESETS, STANDARD_ORDER
+from tta.streams.names import CORRUPTIONS, DIFFICULTIES, ORDERS, STANDARD_ORDER, check_reset
 
 if TYPE_CHECKING:
     from tta.streams.base import Stream
 
 DEFAULT_SPEC = "fmnist-c-continual"
-SETTINGS = ("continual", "gradual", "mixed")
+SETTINGS = ("continual", "gradual", "mixed", "recurring", "ccc")
+#: clean datasets: the corruptions of their streams are generated on the fly
+CLEAN_DATASETS = ("fashion-mnist",)
 SPEC_SUFFIXES = (".yaml", ".yml")
 
 #: dataset -> (layout kind, number of classes, how to get it; {path} is the folder the spec expects)
 DATASETS: dict[str, tuple[str, int, str]] = {
+    "fashion-mnist": (
+        "clean",
+        10,
+        "install the Debian package dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist) or set "
+        "TTA_FASHION_MNIST_DIR to a folder holding the four official idx .gz files",
+    ),
     "fashion-mnist-c": (
         "cifar-c",
         10,
@@ -95,11 +115,11 @@ class StreamSpec:
 
     name: str
     dataset: str
-    data: str
+    data: str | None = None
     setting: str = "continual"
     corruptions: tuple[str, ...] = STANDARD_ORDER
     severities: tuple[int, ...] = (5,)
-    reset: str = "never"
+    reset: str | int = "never"
     order: str = "shuffle"
     concentration: float | None = None
     first_from_5: bool = False
@@ -110,13 +130,22 @@ class StreamSpec:
     image_list: str | None = None
     resize_crop: tuple[int, int] | None = None
     description: str = ""
+    recurrences: int = 1
+    difficulty: str | None = None
+    target_accuracy: float | None = None
+    speed: int = 2000
+    length: int | None = None
+    calibration: str | None = None
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         where = f"spec {self.name}"
-        for key in ("name", "dataset", "data", "setting", "reset", "order", "description"):
+        for key in ("name", "dataset", "setting", "order", "description"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{where}: {key} must be a string, got {getattr(self, key)!r}")
+        for key in ("data", "difficulty", "calibration"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{where}: {key} must be a string or null, got {getattr(self, key)!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"{where}: unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         if self.setting not in SETTINGS:
@@ -147,8 +176,10 @@ class StreamSpec:
         for key in ("preset", "image_list"):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{where}: {key} must be a string or null, got {getattr(self, key)!r}")
-        if self.reset not in RESETS:
-            raise ConfigError(f"spec {self.name}: reset must be one of {RESETS}, got {self.reset!r}")
+        try:
+            self.reset = check_reset(self.reset)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if self.order not in ORDERS:
             raise ConfigError(f"spec {self.name}: order must be one of {ORDERS}, got {self.order!r}")
         if self.order == "dirichlet" and not (self.concentration and self.concentration > 0):
@@ -157,6 +188,69 @@ class StreamSpec:
             if not isinstance(self.resize_crop, (list, tuple)) or len(self.resize_crop) != 2:
                 raise ConfigError(f"{where}: resize_crop must be [resize, crop], got {self.resize_crop!r}")
             self.resize_crop = tuple(_int(v, f"{where}: resize_crop", 1) for v in self.resize_crop)  # type: ignore[assignment]
+        self._check_long_stream_fields()
+
+    def _check_long_stream_fields(self) -> None:
+        """The fields of the generated settings (recurring, ccc) and of clean datasets."""
+        def positive_int(key: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"spec {self.name}: {key} must be an integer >= 1, got {value!r}")
+
+        clean = self.dataset in CLEAN_DATASETS
+        if self.data is None and not clean:
+            raise ConfigError(f"spec {self.name}: missing required key 'data' (the {self.dataset} folder)")
+        if clean and self.setting not in ("recurring", "ccc"):
+            raise ConfigError(f"spec {self.name}: dataset {self.dataset} is clean; its settings are recurring and "
+                              "ccc (corruptions generated on the fly); stored sets use fashion-mnist-c")
+        positive_int("recurrences", self.recurrences)
+        positive_int("speed", self.speed)
+        if self.length is not None:
+            positive_int("length", self.length)
+        if self.setting == "recurring" and clean and self.order != "shuffle":
+            raise ConfigError(f"spec {self.name}: generated recurring streams draw images in shuffled order only")
+        if self.setting != "ccc":
+            return
+        if not clean:
+            raise ConfigError(f"spec {self.name}: ccc generates its corruptions; use a clean dataset "
+                              f"({', '.join(CLEAN_DATASETS)})")
+        if self.target_accuracy is None:
+            if self.difficulty not in DIFFICULTIES:
+                raise ConfigError(f"spec {self.name}: ccc needs difficulty ({', '.join(DIFFICULTIES)}) or "
+                                  f"target_accuracy, got difficulty {self.difficulty!r}")
+        elif isinstance(self.target_accuracy, bool) or not isinstance(self.target_accuracy, (int, float)) or \
+                not 0 < self.target_accuracy < 100:
+            raise ConfigError(f"spec {self.name}: target_accuracy must be a percentage in (0, 100), "
+                              f"got {self.target_accuracy!r}")
+        if not self.calibration:
+            raise ConfigError(f"spec {self.name}: ccc needs a calibration file (tta calibrate-ccc)")
+        if self.length is None:
+            raise ConfigError(f"spec {self.name}: ccc needs a length (images)")
+
+    @property
+    def target(self) -> float:
+        """ccc: the source-model accuracy (%) the stream holds."""
+        return float(self.target_accuracy) if self.target_accuracy is not None else DIFFICULTIES[self.difficulty]
+
+    def calibration_path(self) -> Path:
+        path = Path(self.calibration)
+        if not path.is_absolute() and self.path is not None:
+            path = Path(self.path).parent / path
+        return path
+
+    def with_overrides(self, assignments: list[str]) -> "StreamSpec":
+        """A copy with ``key=value`` overrides (CLI ``--stream-set``; values read as YAML scalars/lists)."""
+        changes: dict[str, Any] = {}
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"stream setting: expected key=value, got {item!r}")
+            key, raw = (part.strip() for part in item.split("=", 1))
+            if key not in _FIELDS or key == "name":
+                raise ConfigError(f"unknown stream spec key {key!r}; known: {sorted(_FIELDS - {'name'})}")
+            try:
+                changes[key] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"stream setting {item!r}: {exc}") from exc
+        return dataclasses.replace(self, **changes) if changes else self
 
     @property
     def layout(self) -> str:
@@ -224,14 +318,19 @@ class StreamSpec:
         bs = _int(self.batch_size if batch_size is None else batch_size, "batch_size", 1)
         n = _int(self.n_per_domain if n_per_domain is None else n_per_domain, "n_per_domain", 1, allow_none=True)
         sd = _int(self.seed if seed is None else seed, "seed", 0)
+        if self.layout == "clean":
+            stream = self._build_generated(bs, n, sd, data_dir)
+            stream.spec = self
+            return stream
         data = self._open(self.data_path(data_dir))
         multi_sev = len(self.severities) > 1
         domains = [
             (f"{c}@{s}" if multi_sev else c, data.domain(c, s)) for s in self.severities for c in self.corruptions
         ]
-        if self.setting == "continual":
+        if self.setting in ("continual", "recurring"):
             stream: Stream = ContinualStream(
-                domains, bs, n_per_domain=n, order=self.order, concentration=self.concentration, seed=sd, reset=self.reset
+                domains * self.recurrences, bs, n_per_domain=n, order=self.order, concentration=self.concentration,
+                seed=sd, reset=self.reset,
             )
         elif self.setting == "gradual":
             by_corruption = {c: {s: data.domain(c, s) for s in (1, 2, 3, 4, 5)} for c in self.corruptions}
@@ -246,6 +345,41 @@ class StreamSpec:
         # log labels as the reference CTTA library writes them: corruption + severity ("fog5")
         stream.domain_labels = {name: name.replace("@", "") if "@" in name else f"{name}{self.severities[0]}"
                                 for name in stream.domains}
+        return stream
+
+
+    def _build_generated(self, bs: int, n: int | None, seed: int, data_dir: str | os.PathLike[str] | None) -> Stream:
+        """recurring / ccc over the clean set, corrupted on the fly (`tta.streams.generated`)."""
+        from tta.streams.fashion_mnist import load_fashion_mnist
+        from tta.streams.generated import GeneratedStream, recurring_plans
+
+        if self.data is None:  # the default location (Debian package / $TTA_FASHION_MNIST_DIR) or data_dir itself
+            folder = None if data_dir is None else Path(data_dir)
+        else:
+            folder = self.data_path(data_dir)
+            if data_dir is not None and not folder.is_dir():
+                folder = Path(data_dir)
+        images, labels = load_fashion_mnist("test", folder)
+        if self.setting == "recurring":
+            if n is None:
+                raise ConfigError(f"spec {self.name}: a generated recurring stream needs n_per_domain")
+            multi = len(self.severities) > 1
+            plans = [
+                dataclasses.replace(p, domain=f"{p.domain}@{s}") if multi else p
+                for s in self.severities
+                for p in recurring_plans(self.corruptions, s, n, 1, bs)
+            ] * self.recurrences
+            return GeneratedStream(images, labels, plans, seed=seed, reset=self.reset)
+        from tta.streams.ccc import CCCCalibration, ccc_plans
+
+        if n is not None and n != self.n_per_domain:
+            raise ConfigError(f"spec {self.name}: a ccc stream has no domains of fixed size; set its length "
+                              "(--stream-set length=N) instead of images per domain")
+        calibration = CCCCalibration.load(self.calibration_path())
+        plans, transitions = ccc_plans(calibration, target=self.target, speed=self.speed, length=self.length,
+                                       batch_size=bs, seed=seed)
+        stream = GeneratedStream(images, labels, plans, seed=seed, reset=self.reset)
+        stream.transitions = transitions
         return stream
 
 
@@ -286,7 +420,6 @@ def load_spec(name_or_path: str | os.PathLike[str] = DEFAULT_SPEC) -> StreamSpec
     if unknown:
         raise ConfigError(f"{path}: unknown spec keys {unknown}; known: {sorted(_FIELDS)}")
     raw.setdefault("name", path.stem)
-    for key in ("dataset", "data"):
-        if key not in raw:
-            raise ConfigError(f"{path}: missing required key {key!r}")
+    if "dataset" not in raw:
+        raise ConfigError(f"{path}: missing required key 'dataset'")
     return StreamSpec(**raw, path=path)

@@ -1,0 +1,215 @@
+"""The collapse guard: signals, decision rule, rollback/reset, events in the results, the CLI option."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import tta
+from engine_helpers import single_thread  # noqa: F401  (fixture)
+from engine_helpers import assert_same_tensors, domain_data, model_tensors, tensor_stream, tiny_cnn
+from tta.engine import CollapseGuard, GuardConfig, run_stream
+from tta.engine.guard import reference_model
+from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def batches(n: int, seed: int = 0, size: int = 32, shift: float = 0.2):
+    x, _ = domain_data(n * size, shift, seed)
+    return list(x.split(size))
+
+
+def test_config_validation_and_parsing():
+    assert GuardConfig.parse(["probe_every=2", "max-disagreement=0.1", "action=reset"]) == GuardConfig(
+        probe_every=2, max_disagreement=0.1, action="reset")
+    for bad in ({"probe_every": 0}, {"window": 1.5}, {"confident": 1.5}, {"max_disagreement": -0.1},
+                {"action": "panic"}, {"reference": "teacher"}, {"keep": True}):
+        with pytest.raises(ConfigError):
+            GuardConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown guard setting"):
+        GuardConfig.parse(["speed=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        GuardConfig.parse(["window"])
+    with pytest.raises(ConfigError, match="probe_every"):
+        GuardConfig.parse(["probe_every=two"])
+
+
+def test_reference_is_the_stateless_source_model():
+    model = tiny_cnn()
+    adapter = tta.adapt(copy.deepcopy(model), "tent", lr=1e-2)
+    ref = reference_model(adapter)
+    for x in batches(3):
+        adapter(x)  # adapting must not move the reference
+    bn = tta.adapt(copy.deepcopy(model), "bn")
+    x = batches(1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), bn(x))  # "auto" on a BatchNorm model = test-batch statistics
+    src = reference_model(adapter, "source")
+    with torch.no_grad():
+        torch.testing.assert_close(src(x), model(x))
+    # frozen source weights are shared with the adapter, not copied
+    assert ref[0].weight.data_ptr() == adapter.model[0].weight.data_ptr()
+    with pytest.raises(InvalidInputError, match="tta Adapter"):
+        reference_model(torch.nn.Linear(2, 2))
+
+
+def test_healthy_adapter_is_left_alone_and_checkpointed():
+    adapter = tta.adapt(tiny_cnn(), "bn")
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=3, checkpoint_every=2), record=True)
+    for k, x in enumerate(batches(12)):
+        assert guard.observe(k, x, adapter(x)) is None
+    assert guard.events == [] and guard.probes == 12 and guard.checkpoints_taken >= 4
+    last = guard.history[-1]
+    assert last["disagreement"] == 0.0 and last["agreement"] == 1.0 and last["diversity_ratio"] == pytest.approx(1.0)
+
+
+def test_rollback_restores_the_checkpoint_exactly():
+    adapter = tta.adapt(tiny_cnn(), "tent", lr=1e-3)
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, checkpoint_every=1, keep=5))
+    data = batches(6)
+    for k, x in enumerate(data[:4]):
+        guard.observe(k, x, adapter(x))
+    ck = guard._checkpoints[0]
+    saved = {k: v.clone() for k, v in ck.state.items() if isinstance(v, torch.Tensor)}
+    steps = adapter.counters["steps"]
+    adapter(data[4])
+    ck.restore(adapter)
+    state = adapter.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), name
+    assert adapter.counters["steps"] == steps + 1  # counters say what happened; they do not roll back
+    # the optimizer state rolled back too: the same next step from the checkpoint gives the same result
+    twin = tta.adapt(tiny_cnn(), "tent", lr=1e-3)
+    for x in data[: ck.batch + 1]:
+        twin(x)
+    assert torch.equal(adapter(data[5]), twin(data[5]))
+
+
+def test_drift_triggers_rollback_then_reset_when_it_returns():
+    adapter = tta.adapt(tiny_cnn(), "tent", lr=1e-3)
+    cfg = GuardConfig(probe_every=1, window=2, checkpoint_every=1, max_disagreement=0.05, confident=0.0)
+    guard = CollapseGuard(adapter, cfg)
+    data = batches(8)
+    for k, x in enumerate(data[:4]):
+        assert guard.observe(k, x, adapter(x)) is None
+    assert [ck.batch for ck in guard._checkpoints] == [1, 2, 3]  # healthy checkpoints once the window is full
+
+    def drifted(k):  # predictions contradicting the reference on every sample
+        return guard.reference(data[k]).roll(1, dims=1)
+
+    event = guard.observe(4, data[4], drifted(4))
+    assert event["action"] == "rollback" and event["reason"] == "drift"
+    assert event["to_batch"] == 2  # the newest checkpoint taken before the unhealthy window (batches 3-4)
+    assert event["signals"]["disagreement"] > 0.05
+    # the rolled-back state drifts again before a new healthy checkpoint: reset to source
+    assert guard.observe(5, data[5], drifted(5)) is None  # a new window is being filled
+    event = guard.observe(6, data[6], drifted(6))
+    assert event["action"] == "reset" and [e["action"] for e in guard.events] == ["rollback", "reset"]
+    assert_same_tensors(model_tensors(adapter.model), model_tensors(tta.adapt(tiny_cnn(), "tent").model))
+
+
+def test_collapse_onto_one_class_resets():
+    adapter = tta.adapt(tiny_cnn(), "tent")
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=3))
+    data = batches(3)
+    one_class = torch.full((32, 10), -10.0)
+    one_class[:, 3] = 10.0
+    events = [guard.observe(k, x, one_class) for k, x in enumerate(data)]
+    assert events[-1]["action"] == "reset" and events[-1]["reason"] == "collapse"
+    assert events[-1]["signals"]["diversity"] == 0.0 and events[-1]["signals"]["entropy"] < 0.01
+
+
+def test_monitoring_records_without_acting():
+    adapter = tta.adapt(tiny_cnn(), "tent")
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, action="none"))
+    before = model_tensors(adapter)
+    data = batches(4)
+    one_class = torch.zeros(32, 10)
+    one_class[:, 0] = 20.0
+    for k, x in enumerate(data):
+        guard.observe(k, x, one_class)
+    assert [e["action"] for e in guard.events] == ["none", "none", "none"]
+    assert_same_tensors(model_tensors(adapter), before)
+
+
+def test_probes_every_nth_batch_and_skips_single_images():
+    adapter = tta.adapt(tiny_cnn(), "bn")
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=3, window=2))
+    for k, x in enumerate(batches(9)):
+        guard.observe(k, x, adapter(x))
+    assert guard.probes == 3  # batches 0, 3, 6
+    one = batches(1)[0][:1]
+    guard.observe(9, one, adapter(one))
+    assert guard.probes == 3
+
+
+def test_run_stream_reports_guard_events_and_costs():
+    stream = tensor_stream({"a": 96, "b": 96}, batch_size=32)
+    adapter = tta.adapt(tiny_cnn(), "tent", lr=5.0)  # far too large: collapses
+    result = run_stream(adapter, stream, device="cpu", progress=False,
+                        guard=GuardConfig(probe_every=1, window=2, checkpoint_every=1))
+    assert result.guard_events and all(e["action"] in ("rollback", "reset") for e in result.guard_events)
+    assert result.guard["probes"] == 6 and result.guard_seconds > 0
+    assert {"batch", "action", "reason", "to_batch", "signals"} <= set(result.guard_events[0])
+    plain = run_stream(tta.adapt(tiny_cnn(), "tent"), stream, device="cpu", progress=False)
+    assert plain.guard is None and plain.guard_events == [] and plain.guard_seconds == 0.0
+
+
+def test_periodic_reset_restarts_the_guard_windows():
+    stream = tensor_stream({"a": 320}, batch_size=32)
+    adapter = tta.adapt(tiny_cnn(), "tent")
+    result = run_stream(adapter, stream, device="cpu", progress=False, reset=3,
+                        guard=GuardConfig(probe_every=1, window=4, action="none"))
+    assert result.resets == 3
+    assert result.guard_events == []  # the window never fills between two resets: no decision
+
+
+# ------------------------------------------------------------------------------------------------
+# the acceptance case: TENT with a learning rate 100x its default collapses; the guard catches it
+
+
+@pytest.fixture(scope="module")
+def fmnist_noise():
+    from tta.streams.fashion_mnist import load_fashion_mnist
+    from tta.streams.generated import GeneratedStream, recurring_plans
+
+    try:
+        images, labels = load_fashion_mnist("test")
+    except DataNotFoundError as exc:  # pragma: no cover - the Debian package is installed here
+        pytest.skip(f"Fashion-MNIST not installed: {exc}")
+    return GeneratedStream(images, labels, recurring_plans(["gaussian_noise"], 5, 2000, 1, 50), seed=0)
+
+
+def test_tent_at_100x_learning_rate_is_caught_and_recovered(fmnist_noise):
+    """Unguarded, TENT at lr 0.1 (cifar10 preset: 1e-3) collapses on Fashion-MNIST gaussian noise within a
+    few batches and ends near 80% error. Guarded (probing every 2nd batch, 4 probes per decision), the
+    collapse is caught at the first decision after it starts (at most 2 windows of 8 batches later), the
+    reset brings the error straight back to BN's, and the learning-rate backoff keeps it there."""
+    model = tta.models.load("resnet20-fmnist")
+    cfg = GuardConfig(probe_every=2, window=4)
+    bn = run_stream(tta.adapt(copy.deepcopy(model), "bn"), fmnist_noise, device="cpu", progress=False)
+    plain = run_stream(tta.adapt(copy.deepcopy(model), "tent", preset="cifar10", lr=0.1), fmnist_noise,
+                       device="cpu", progress=False)
+    guarded = run_stream(tta.adapt(copy.deepcopy(model), "tent", preset="cifar10", lr=0.1), fmnist_noise,
+                         device="cpu", progress=False, guard=cfg)
+
+    def err(r, part):
+        return 100 * (1 - np.sum(r.trace.correct[part]) / np.sum(r.trace.images[part]))
+
+    tail = slice(-10, None)  # the last 500 images
+    assert err(plain, tail) > err(bn, tail) + 30  # collapsed
+    per_batch = [100 * (1 - c / n) for c, n in zip(plain.trace.correct, plain.trace.images)]
+    collapsing = next(k for k, e in enumerate(per_batch) if e > 20 + 100 * (1 - bn.trace.correct[k] / 50))
+    events = guarded.guard_events
+    assert events and events[0]["action"] == "reset"
+    assert events[0]["batch"] <= collapsing + 2 * cfg.window * cfg.probe_every
+    first = events[0]["batch"]
+    after = slice(first + 1, first + 5)
+    assert err(guarded, after) < err(bn, after) + 10  # recovered right away
+    assert err(guarded, tail) < err(bn, tail) + 10
+    assert guarded.stream_error < plain.stream_error - 25
+    assert guarded.guard["lr_scale"] < 1.0

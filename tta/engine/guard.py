@@ -1,0 +1,337 @@
+"""`CollapseGuard`: watch an adapter's health on a long stream; roll back or reset it when it degrades.
+
+Continual adapters drift on long streams: entropy minimisation slowly confirms its own mistakes
+until the adapted model is worse than the model it started from (Press et al., "RDumb", NeurIPS 2023,
+on CCC; Hoang et al., "Persistent Test-time Adaptation in Recurring Testing Scenarios" (PeTTA),
+NeurIPS 2024, on 20 recurrences of CIFAR-10-C). The guard runs beside any adapter and needs no labels:
+
+Signals (cheap; every batch unless said otherwise)
+- ``entropy``: mean prediction entropy of the batch / ln C. A collapsed model is over-confident
+  (SAR, Niu et al. ICLR 2023, resets when the moving average of its entropy loss falls below a floor).
+- ``diversity``: entropy of the predicted-class histogram over the decision window / ln C, relative to
+  the reference model's on the same probed batches (``diversity_ratio``). Collapse onto few classes
+  shows here first (PeTTA's and RDumb's failure mode).
+- ``disagreement`` (probed batches, one in `probe_every`): the reference model (the source weights;
+  with test-batch statistics when the model has BatchNorm, which cannot drift because it keeps no
+  state) is run on the batch; among the samples the reference is confident about
+  (max-softmax >= `confident`) the share the adapted model contradicts. A healthy adapter improves
+  on the reference where the reference is unsure and agrees where it is sure; a drifting one starts
+  contradicting confident reference predictions, which are right ~97% of the time. This is the
+  divergence-from-source signal of PeTTA measured on predictions instead of feature prototypes.
+  ``agreement`` (all samples) and the reference's own entropy are reported beside it.
+
+Decision rule (at each probe, once `window` probes have been seen since the last action)
+- collapse: ``diversity_ratio < min_diversity_ratio`` or ``entropy < min_entropy`` -> reset to source;
+- drift: pooled ``disagreement > max_disagreement`` -> roll back to the last healthy checkpoint
+  (`action="rollback"`, default) or reset (`action="reset"`); a second drift before a new healthy
+  checkpoint was taken resets to source (the checkpoint did not hold).
+- every reset the guard makes also scales the optimizer's learning rates by `lr_backoff`: a model
+  that collapses, or drifts again after a rollback, adapts too aggressively for its stream, and a
+  plain reset would replay the same failure (a 100x learning rate collapses again within batches).
+Healthy checkpoints: every `checkpoint_every` batches while the pooled signals are clearly healthy
+(disagreement at most half its bound), an in-memory copy of the adapter's adapted tensors and extra state (optimizer, RNG; frozen weights are
+shared, not copied); the guard keeps `keep` of them and rolls back to the newest one taken before the
+unhealthy window began.
+
+Every action is an event (batch, images seen, action, reason, signal values) in `events` and in the
+run results (`RunResult.guard_events`). The cost is one reference forward per probed batch plus O(B*C)
+tensor ops per batch (`bench/bench_guard.py` measures it against the adapter's own step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import typing
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tta.engine.adapted_state import adapted_state, frozen_names, load_adapted
+from tta.errors import ConfigError, InvalidInputError
+from tta.layers import calibrated_layers, has_batchnorm, replace_batchnorms
+
+
+@dataclass
+class GuardConfig:
+    """Collapse-guard settings (see the module docstring for the rule).
+
+    probe_every: run the reference model on one batch in this many (cost: one source forward each).
+    window: probes pooled in a decision (window x probe_every batches).
+    confident: reference max-softmax above which its prediction counts as reliable.
+    max_disagreement: drift when the adapted model contradicts more than this share of the reliable
+        reference predictions (pooled over the window). Default 1%: on `fmnist-c-recurring` TENT's
+        share grows from 0.1% (first pass) to 1.5% in the first 10,000-image window where it is 1 point
+        worse than BN (third pass; BENCHMARKS.md, "Long streams").
+    min_diversity_ratio: collapse when the adapted predictions' class diversity falls below this
+        fraction of the reference's on the same batches.
+    min_entropy: collapse when the mean normalised prediction entropy over the window falls below this.
+    checkpoint_every: batches between healthy checkpoints; keep: checkpoints kept.
+    lr_backoff: every reset the guard makes multiplies the adapter's optimizer learning rates by this
+        (1 = off). A reset means the adapter collapsed, or drifted again from a rolled-back state: its
+        adaptation is too aggressive for this stream, and resetting alone would replay the failure.
+    action: what a drift triggers: "rollback" (to a healthy checkpoint) or "reset" (to source);
+        "none" only records events (monitoring).
+    reference: "auto" (test-batch statistics when the model has BatchNorm, else the source model),
+        "bn" or "source".
+    """
+
+    probe_every: int = 4
+    window: int = 8
+    confident: float = 0.9
+    max_disagreement: float = 0.01
+    min_diversity_ratio: float = 0.5
+    min_entropy: float = 0.02
+    checkpoint_every: int = 50
+    keep: int = 3
+    lr_backoff: float = 0.5
+    action: Literal["rollback", "reset", "none"] = "rollback"
+    reference: Literal["auto", "bn", "source"] = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("probe_every", "window", "checkpoint_every", "keep"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"guard {key} must be an integer >= 1, got {value!r}")
+        for key in ("confident", "max_disagreement", "min_diversity_ratio", "min_entropy", "lr_backoff"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"guard {key} must be a number in [0, 1], got {value!r}")
+        if self.action not in ("rollback", "reset", "none"):
+            raise ConfigError(f"guard action must be rollback, reset or none, got {self.action!r}")
+        if self.reference not in ("auto", "bn", "source"):
+            raise ConfigError(f"guard reference must be auto, bn or source, got {self.reference!r}")
+
+    @classmethod
+    def parse(cls, assignments: list[str]) -> "GuardConfig":
+        """``key=value`` strings (CLI ``--guard-set``) on top of the defaults."""
+        from tta.adapters.config import _parse_string
+
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"guard setting: expected key=value, got {item!r}")
+            key, raw = (part.strip() for part in item.split("=", 1))
+            key = key.replace("-", "_")
+            if key not in hints:
+                raise ConfigError(f"unknown guard setting {key!r}; valid: {', '.join(sorted(hints))}")
+            values[key] = _parse_string(key, hints[key], raw)
+        return cls(**values)
+
+
+def reference_model(adapter: nn.Module, kind: str = "auto") -> nn.Module:
+    """A frozen copy of the adapter's source model (frozen weights shared, not copied).
+
+    ``"bn"``: every BatchNorm normalises with the test batch's statistics (stateless: it cannot drift);
+    ``"source"``: the source model as trained; ``"auto"``: "bn" when the model has BatchNorm layers.
+    """
+    model = getattr(adapter, "model", None)
+    source_state = getattr(adapter, "_source_state", None)
+    if not isinstance(model, nn.Module) or source_state is None:
+        raise InvalidInputError(f"the collapse guard needs a tta Adapter, got {type(adapter).__name__}")
+    memo: dict[int, Any] = {id(t): t for t in adapter.frozen_tensors()}
+    ref = copy.deepcopy(model, memo)
+    ref.load_state_dict(source_state, strict=False)
+    if kind == "auto":
+        kind = "bn" if has_batchnorm(ref) else "source"
+    if has_batchnorm(ref):
+        replace_batchnorms(ref, 0.0 if kind == "bn" else 1.0)
+        for layer in calibrated_layers(ref):
+            layer.ghost_groups = 1
+            layer.use_source_stats = False
+    ref.eval().requires_grad_(False)
+    return ref
+
+
+def _probabilities(outputs: torch.Tensor, kind: str) -> torch.Tensor:
+    outputs = outputs.detach().float()
+    return outputs if kind == "probs" else outputs.softmax(1)
+
+
+def _normalised_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of probabilities / ln C."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
+
+
+class _Checkpoint:
+    """In-memory copy of an adapter's adapted state (`tta.engine.adapted_state`: frozen tensors are
+    shared, neither copied nor written back)."""
+
+    def __init__(self, adapter: nn.Module, batch: int, frozen: set[str]) -> None:
+        self.batch = batch
+        self.frozen = frozen
+        self.state = adapted_state(adapter, frozen, clone=True)
+        if "_extra_state" in self.state:
+            self.state["_extra_state"] = copy.deepcopy(self.state["_extra_state"])
+
+    def restore(self, adapter: nn.Module) -> None:
+        counters = dict(getattr(adapter, "counters", {}))  # counters say what happened; they do not roll back
+        state = dict(self.state)
+        if "_extra_state" in state:
+            state["_extra_state"] = copy.deepcopy(state["_extra_state"])
+        load_adapted(adapter, state, self.frozen, f"guard checkpoint of batch {self.batch}")
+        if counters:
+            adapter.counters.update(counters)
+
+
+class CollapseGuard:
+    """Health signals, decision rule and recovery for one adapter (see the module docstring).
+
+        guard = CollapseGuard(adapter, GuardConfig())
+        for k, x in enumerate(batches):
+            outputs = adapter(x)
+            event = guard.observe(k, x, outputs)   # None, or the action taken
+
+    `run_stream(..., guard=GuardConfig())` does exactly this and reports the events.
+    """
+
+    def __init__(self, adapter: nn.Module, config: GuardConfig | None = None, *, record: bool = False) -> None:
+        if not callable(getattr(adapter, "reset", None)) or not hasattr(adapter, "state_dict"):
+            raise InvalidInputError(f"the collapse guard needs an adapter with reset(), got {type(adapter).__name__}")
+        self.adapter = adapter
+        self.config = config or GuardConfig()
+        self.output_kind = getattr(adapter, "output_kind", "logits")
+        self.reference = reference_model(adapter, self.config.reference)
+        self.events: list[dict[str, Any]] = []
+        self.probes = 0
+        self.checkpoints_taken = 0
+        self.lr_scale = 1.0  # product of the learning-rate backoffs applied so far
+        self._frozen = frozen_names(adapter)
+        self._checkpoints: deque[_Checkpoint] = deque(maxlen=self.config.keep)
+        self._since_action = 0
+        self._rolled_back = False
+        self._window: deque[dict[str, Any]] = deque(maxlen=self.config.window)
+        self._entropy: deque[float] = deque(maxlen=self.config.window * self.config.probe_every)
+        #: with `record`, the pooled signals at every decision ({"batch": k, **signals}), for analysis
+        self.history: list[dict[str, float]] | None = [] if record else None
+
+    # ------------------------------------------------------------------ state
+    def notify_reset(self) -> None:
+        """The adapter was reset from outside (a reset policy): start the signals afresh."""
+        self._window.clear()
+        self._entropy.clear()
+        self._checkpoints.clear()
+        self._since_action = 0
+        self._rolled_back = False
+
+    def to(self, device: torch.device | str) -> "CollapseGuard":
+        self.reference.to(device)
+        return self
+
+    # ------------------------------------------------------------------ per batch
+    @torch.no_grad()
+    def observe(self, batch: int, x: torch.Tensor, outputs: torch.Tensor) -> dict[str, Any] | None:
+        """Record batch `batch` (input `x`, the adapter's `outputs` on it); act when unhealthy.
+
+        Returns the event dict when the guard acted, else None."""
+        cfg = self.config
+        p = _probabilities(outputs, self.output_kind)
+        self._entropy.append(float(_normalised_entropy(p).mean()))
+        if batch % cfg.probe_every or x.shape[0] < 2:
+            return None
+        ref = self.reference(x).float().softmax(1)
+        ref_conf, ref_pred = ref.max(1)
+        pred = p.argmax(1)
+        reliable = ref_conf >= cfg.confident
+        c = p.shape[1]
+        self._window.append({
+            "n": x.shape[0],
+            "agree": int((pred == ref_pred).sum()),
+            "reliable": int(reliable.sum()),
+            "contradicted": int((reliable & (pred != ref_pred)).sum()),
+            "hist": torch.bincount(pred, minlength=c).cpu(),
+            "ref_hist": torch.bincount(ref_pred, minlength=c).cpu(),
+            "ref_entropy": float(_normalised_entropy(ref).mean()),
+        })
+        self.probes += 1
+        self._since_action += 1
+        if self._since_action < cfg.window:
+            return None
+        signals = self.signals()
+        if self.history is not None:
+            self.history.append({"batch": batch, **signals})
+        collapse = signals["diversity_ratio"] < cfg.min_diversity_ratio or signals["entropy"] < cfg.min_entropy
+        drift = signals["disagreement"] > cfg.max_disagreement
+        if not (collapse or drift):
+            clearly_healthy = signals["disagreement"] <= cfg.max_disagreement / 2
+            due = not self._checkpoints or batch - self._checkpoints[-1].batch >= cfg.checkpoint_every
+            if clearly_healthy and due:
+                self._checkpoints.append(_Checkpoint(self.adapter, batch, self._frozen))
+                self.checkpoints_taken += 1
+                self._rolled_back = False
+            return None
+        return self._act(batch, "collapse" if collapse else "drift", signals)
+
+    def signals(self) -> dict[str, float]:
+        """The pooled signals of the current window."""
+        w = list(self._window)
+        n = sum(e["n"] for e in w)
+        reliable = sum(e["reliable"] for e in w)
+        hist = torch.stack([e["hist"] for e in w]).sum(0).double()
+        ref_hist = torch.stack([e["ref_hist"] for e in w]).sum(0).double()
+        diversity = float(_normalised_entropy(hist / hist.sum()))
+        ref_diversity = float(_normalised_entropy(ref_hist / ref_hist.sum()))
+        return {
+            "entropy": sum(self._entropy) / len(self._entropy),
+            "ref_entropy": sum(e["ref_entropy"] for e in w) / len(w),
+            "diversity": diversity,
+            "diversity_ratio": diversity / ref_diversity if ref_diversity > 0 else 1.0,
+            "agreement": sum(e["agree"] for e in w) / n,
+            "disagreement": sum(e["contradicted"] for e in w) / reliable if reliable else 0.0,
+            "reliable": reliable / n,
+        }
+
+    def _act(self, batch: int, reason: str, signals: dict[str, float]) -> dict[str, Any]:
+        cfg = self.config
+        span = cfg.window * cfg.probe_every
+        target = None
+        if cfg.action == "none":
+            action = "none"
+        elif reason == "collapse" or cfg.action == "reset" or self._rolled_back or not self._checkpoints:
+            action = "reset"
+        else:
+            action = "rollback"
+            older = [ck for ck in self._checkpoints if ck.batch <= batch - span]
+            target = older[-1] if older else self._checkpoints[0]
+        lr_scale = None
+        if action == "reset":
+            self.adapter.reset()
+            self._checkpoints.clear()
+            self._rolled_back = False
+            optimizer = getattr(self.adapter, "optimizer", None)
+            if optimizer is not None and cfg.lr_backoff != 1.0:
+                for group in optimizer.param_groups:
+                    group["lr"] *= cfg.lr_backoff
+                self.lr_scale *= cfg.lr_backoff
+                lr_scale = self.lr_scale
+        elif action == "rollback":
+            assert target is not None
+            target.restore(self.adapter)
+            while self._checkpoints and self._checkpoints[-1].batch > target.batch:
+                self._checkpoints.pop()
+            self._rolled_back = True
+        event = {
+            "batch": batch,
+            "action": action,
+            "reason": reason,
+            "to_batch": None if target is None else target.batch,
+            "lr_scale": lr_scale,
+            "signals": {k: round(v, 4) for k, v in signals.items()},
+        }
+        self.events.append(event)
+        if action != "none":  # monitoring keeps its window: the same state goes on being measured
+            self._window.clear()
+            self._entropy.clear()
+            self._since_action = 0
+        return event
+
+    def summary(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "probes": self.probes, "checkpoints": self.checkpoints_taken,
+                "events": len(self.events), "lr_scale": self.lr_scale}
+
+
+__all__ = ["CollapseGuard", "GuardConfig", "reference_model"]
