@@ -5,6 +5,7 @@
 #
 #   OUT=runs/gpu bash bench/gpu_check.sh         # ~4 min on an H200
 #   OUT=runs/gpu TRAIN_VIT=1 TTA_FASHION_MNIST_DIR=... bash bench/gpu_check.sh
+#   ADAPTERS=0 skips the last stage (adapter steps vs source forward, twice: compiled ops and torch ops).
 #
 # Nothing is installed: the build goes next to the sources (tta/_C*.so) and PYTHONPATH points here.
 # Pure-Python dependencies the machine lacks (platformdirs, ...) can sit as wheels in $WHEELS (default
@@ -12,13 +13,14 @@
 # that fails or hangs leaves the others' results.
 # TRAIN_VIT=1 also trains the ViT card (models/vit-fmnist's recipe, `tta train-source --device cuda`)
 # while the extension builds and the CUDA tests run; the timed stages start after it has finished.
-# Writes $OUT/log.txt (everything printed), build.log, ops_cuda.json, cotta_card.json, cotta_r50.json,
+# Writes $OUT/log.txt (everything printed, with the build's warnings), ops_cuda.json, cotta_card.json, cotta_r50.json,
 # adapters_cuda.json and adapters_cuda_torch.json (the same with the torch reference ops), and with
-# TRAIN_VIT=1 vit/vit-fmnist.{yaml,safetensors} and vit.log.
+# TRAIN_VIT=1 vit.tar (models/vit-fmnist.* and the log).
 set -u
 OUT=${OUT:-runs/gpu}
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
@@ -40,21 +42,25 @@ stage environment
   } 2>&1 | log
 
 if [ "${TRAIN_VIT:-0}" = 1 ]; then
-  stage "train the ViT card on the GPU (background; the timed stages wait for it)"
-  mkdir -p "$OUT/vit" /tmp/tta-vit/models
-  ( cd /tmp/tta-vit && timeout "${VIT_TIMEOUT:-300}" $PY -m tta train-source --dataset fashion-mnist \
+  stage "train the ViT card on the GPU, then its ViDA warm-up, EATA Fisher and RMT prototypes (background)"
+  rm -rf /tmp/tta-vit; mkdir -p /tmp/tta-vit/models
+  ( ( cd /tmp/tta-vit && set -e
+    timeout "${VIT_TIMEOUT:-300}" $PY -m tta train-source --dataset fashion-mnist \
       --arch vit_patch4_32 --epochs 60 --lr 0.002 --threads 4 --eval-every 10 --device cuda --no-progress \
-      --arch-kwargs '{"embed_dim":64,"depth":6,"num_heads":4,"mlp_ratio":2.0}' --out models/vit-fmnist \
-      >"$OUT/vit.log" 2>&1; echo "vit training exit $?" >>"$OUT/vit.log"
-    cp models/vit-fmnist.yaml models/vit-fmnist.safetensors "$OUT/vit/" 2>>"$OUT/vit.log" ) &
+      --arch-kwargs '{"embed_dim":64,"depth":6,"num_heads":4,"mlp_ratio":2.0}' --out models/vit-fmnist
+    timeout 120 $PY -m tta warmup-adapters --model vit-fmnist --steps 200 --device cuda --no-progress
+    timeout 60 $PY -m tta build-fisher --model vit-fmnist --device cuda --out models/vit-fmnist.fisher.safetensors
+    timeout 90 $PY -m tta build-prototypes --model vit-fmnist --device cuda \
+      --out models/vit-fmnist.prototypes.safetensors ) >/tmp/tta-vit/vit.log 2>&1
+  echo "vit stage exit $?" >>/tmp/tta-vit/vit.log; tar -C /tmp/tta-vit -cf "$OUT/vit.tar" models vit.log ) &
   VIT_PID=$!
 fi
 
 stage "build tta._C (TORCH_CUDA_ARCH_LIST=$ARCH)"
 start=$(date +%s)
-TORCH_CUDA_ARCH_LIST=$ARCH TTA_WITH_CUDA=1 timeout 420 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+TORCH_CUDA_ARCH_LIST=$ARCH TTA_WITH_CUDA=1 timeout 420 $PY setup.py build_ext --inplace >/tmp/tta-build.log 2>&1
 echo "build exit $? in $(($(date +%s) - start)) s" | log
-tail -3 "$OUT/build.log" | log
+grep -i -E "warning|error" /tmp/tta-build.log | grep -v "^ninja" | tail -20 | log; tail -2 /tmp/tta-build.log | log
 $PY -c "import tta.ops as o; print('backend', o.backend(), o.LOAD_ERROR or '')" 2>&1 | log
 
 stage "CUDA tests"
@@ -83,7 +89,7 @@ PYEOF
 
 if [ -n "${VIT_PID:-}" ]; then
   stage "waiting for the ViT training"
-  wait "$VIT_PID"; tail -4 "$OUT/vit.log" | log
+  wait "$VIT_PID"; tar -xOf "$OUT/vit.tar" vit.log | grep -v "^epoch=[0-9]*[1-9] " | tail -12 | log
 fi
 
 stage "CUDA kernel benchmark"
@@ -97,8 +103,10 @@ stage "CoTTA on the GPU: timm resnet50 (random weights), batch 64, 224 px, 32 vi
 timeout 300 $PY bench/bench_cotta.py --device cuda --model timm:resnet50 --classes 1000 --batch 64 --size 224 \
   --views 32 --batches 3 --modes floor,fast,reference,skip,fast_bf16 --out "$OUT/cotta_r50.json" 2>&1 \
   | grep -v '^batch' | log
+if [ "${ADAPTERS:-1}" = 1 ]; then
 stage "adapter step vs source forward on the GPU (default card, batch 200): compiled ops, then TTA_DISABLE_C=1"
 timeout 200 $PY bench/bench_adapters.py --device cuda --rounds 15 --json "$OUT/adapters_cuda.json" 2>&1 | log
 TTA_DISABLE_C=1 timeout 200 $PY bench/bench_adapters.py --device cuda --rounds 15 \
   --json "$OUT/adapters_cuda_torch.json" 2>&1 | log
+fi
 stage done
