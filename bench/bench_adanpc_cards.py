@@ -14,6 +14,8 @@ Rows (all on the same stream, seed and order; a fresh model per row):
 - ``adanpc``: AdaNPC at the paper's defaults (k 100, tau 0.1, beta 0.1, unbounded memory);
 - ``adanpc-bn``: AdaNPC-BN (``feature_bn=true``: feature BatchNorm1d, 3 entropy steps at 1e-5, tau 0.01);
 - ``bn``, ``tent``: the CNN baselines on the card's linear head;
+- ``knn-source+bn``: the vote over the source memory, nothing added, of the BN-adapted network's
+  features (``norm=bn extend_memory=false``): the baseline of ``adanpc+bn``;
 - ``adanpc+bn``: AdaNPC over features of the BN-adapted network (``norm=bn``);
 - ``adanpc-bn+bn``: AdaNPC-BN over features of the BN-adapted network (``feature_bn=true norm=bn``).
 
@@ -49,6 +51,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adanpc-bn": ("adanpc", {"feature_bn": True}),
     "bn": ("bn", {}),
     "tent": ("tent", {}),
+    "knn-source+bn": ("adanpc", {"norm": "bn", "extend_memory": False}),
     "adanpc+bn": ("adanpc", {"norm": "bn"}),
     "adanpc-bn+bn": ("adanpc", {"feature_bn": True, "norm": "bn"}),
 }
