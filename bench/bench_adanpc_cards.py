@@ -4,6 +4,7 @@
         --limit 2000 --out runs/adanpc-cards-2000            # the default stream's 2,000 images per domain
     ... --full --out runs/adanpc-cards-full                  # the complete protocol
     ... --diagnose --limit 2000                              # where the features leave the memory's neighbourhoods
+    ... --trace --rows adanpc,adanpc+bn --limit 2000         # whom the test features vote with as the memory grows
 
 Rows (all on the same stream, seed and order; a fresh model per row):
 
@@ -13,7 +14,10 @@ Rows (all on the same stream, seed and order; a fresh model per row):
 - ``adanpc``: AdaNPC at the paper's defaults (k 100, tau 0.1, beta 0.1, unbounded memory);
 - ``adanpc-bn``: AdaNPC-BN (``feature_bn=true``: feature BatchNorm1d, 3 entropy steps at 1e-5, tau 0.01);
 - ``bn``, ``tent``: the CNN baselines on the card's linear head;
-- ``adanpc+bn``: AdaNPC over features of the BN-adapted network (``norm=bn``).
+- ``knn-source+bn``: the vote over the source memory, nothing added, of the BN-adapted network's
+  features (``norm=bn extend_memory=false``): the baseline of ``adanpc+bn``;
+- ``adanpc+bn``: AdaNPC over features of the BN-adapted network (``norm=bn``);
+- ``adanpc-bn+bn``: AdaNPC-BN over features of the BN-adapted network (``feature_bn=true norm=bn``).
 
 Each row's result is written to ``OUT/<card>/<row>.json`` as it finishes (a rerun skips finished rows);
 the Markdown tables (error % per domain, mean) are printed at the end and written to ``OUT/tables.md``.
@@ -47,7 +51,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "adanpc-bn": ("adanpc", {"feature_bn": True}),
     "bn": ("bn", {}),
     "tent": ("tent", {}),
+    "knn-source+bn": ("adanpc", {"norm": "bn", "extend_memory": False}),
     "adanpc+bn": ("adanpc", {"norm": "bn"}),
+    "adanpc-bn+bn": ("adanpc", {"feature_bn": True, "norm": "bn"}),
 }
 SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
          "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
@@ -147,6 +153,57 @@ def diagnose(args: argparse.Namespace, memories: dict[str, str]) -> None:
         print()
 
 
+@torch.no_grad()
+def trace(args: argparse.Namespace, memories: dict[str, str]) -> None:
+    """Per domain, for the AdaNPC rows of --rows: whom the test features vote with as the memory grows.
+
+    With beta 0.1 and an unbounded memory every feature of a batch is appended, in order, as its own
+    L2-normalised query; its 100 nearest rows in the memory as it stood at the vote give the share of
+    test rows among the neighbours, the purity of the source and of the test neighbours (their label
+    is the query's true class) and how many test neighbours carry a correct pseudo-label.
+    """
+    spec = load_spec(args.stream)
+    seed = int(spec.seed or 0)
+    stream = spec.build(n_per_domain=args.limit, seed=seed, data_dir=args.data_dir)
+    for card in args.cards.split(","):
+        for row in args.rows.split(","):
+            adapter_name, overrides = ROWS[row]
+            if adapter_name != "adanpc" or overrides.get("feature_bn") or overrides.get("extend_memory") is False:
+                continue
+            seed_everything(seed)
+            adapter = tta.adapt(tta.models.load(card), "adanpc", preset=spec.preset,
+                                **{**overrides, "memory": memories.get(card, card)})
+            mem = adapter.memory
+            assert mem is not None and mem.capacity is None
+            truth = mem.labels[:mem.num_source].clone()  # the true label of every memory row
+            stats: dict[str, list[torch.Tensor]] = {}
+            for batch in stream:
+                size = mem.size
+                probs = adapter(batch.x)
+                if mem.size - size != batch.x.shape[0]:
+                    raise SystemExit("--trace needs every feature appended (beta <= 1/C, unbounded memory)")
+                rows, labels = mem.rows()
+                _, idx, _ = tta.ops.knn_vote(rows[size:].float(), rows[:size], labels[:size], mem.num_classes, 100,
+                                             0.1, metric="ip", return_neighbors=True)
+                is_test = idx >= mem.num_source
+                same_class = labels[idx] == batch.y[:, None]
+                n_test, n_src = is_test.sum(1).float(), (~is_test).sum(1).float()
+                stats.setdefault(batch.domain, []).append(torch.stack([
+                    n_test / idx.shape[1],
+                    (same_class & ~is_test).sum(1) / n_src.where(n_src > 0, torch.nan),
+                    (same_class & is_test).sum(1) / n_test.where(n_test > 0, torch.nan),
+                    ((labels[idx] == truth[idx]) & is_test).sum(1) / n_test.where(n_test > 0, torch.nan),
+                    (probs.argmax(1) != batch.y).float()], 1))
+                truth = torch.cat([truth, batch.y])
+            print(f"### {card} {row}: the 100 nearest memory rows of each test feature at its vote, per domain (%)\n")
+            print("| domain | test rows among them | source rows of its class | test rows of its class | "
+                  "test rows correctly pseudo-labelled | vote error |\n|---|---|---|---|---|---|")
+            for domain, v in stats.items():
+                m = 100 * torch.cat(v).nanmean(0)
+                print(f"| {SHORT.get(domain, domain)} | " + " | ".join(f"{x:.1f}" for x in m.tolist()) + " |", flush=True)
+            print(flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cards", default="resnet20-fmnist-knn,resnet20-fmnist")
@@ -161,6 +218,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/adanpc-cards")
     ap.add_argument("--diagnose", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="per domain, the share and labels of test rows among "
+                    "the neighbours of AdaNPC rows (--rows)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,7 +227,12 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     memories = dict(item.split("=", 1) for item in args.memory)
-    diagnose(args, memories) if args.diagnose else run_rows(args, memories)
+    if args.diagnose:
+        diagnose(args, memories)
+    elif args.trace:
+        trace(args, memories)
+    else:
+        run_rows(args, memories)
 
 
 if __name__ == "__main__":

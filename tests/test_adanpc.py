@@ -333,3 +333,88 @@ def test_extend_memory_false_is_the_source_vote():
     with torch.no_grad():
         want = vote_by_hand(adapter.model[:5](x), rows, labels, 4, 5, 0.1)
     torch.testing.assert_close(probs, want, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_bn_three_steps_rederived_with_the_reference_extension_rule():
+    """bn_steps=3 by hand: each step votes with fresh batch statistics of the current BN, takes the
+    entropy of the vote and one Adam step; the prediction is step 3's vote (before its update), and the
+    memory receives step 3's normalised BN features whose vote confidence reaches beta, labelled with
+    the vote's argmax (the reference's extend_test of confident test features with pseudo-labels)."""
+    model = small_cnn()
+    source_feats, source_labels = source_memory(model)
+
+    def adapter_with(**cfg):
+        adapter = tta.adapt(model, "adanpc", feature_bn=True, k=5, bn_lr=1e-2, **cfg)
+        adapter.set_source_memory(source_feats, source_labels, 4)
+        return adapter
+
+    x = torch.rand(8, 3, 8, 8) * 2
+    rows, labels = (t.clone() for t in adapter_with().memory.rows())
+    with torch.no_grad():
+        f = model[:5](x)
+    w = torch.ones(8, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    for _ in range(3):
+        z = (f - f.mean(0)) / torch.sqrt(f.var(0, unbiased=False) + 1e-5) * w + b
+        p = vote_by_hand(z, rows, labels, 4, 5, 0.01)
+        opt.zero_grad()
+        (-(p * torch.log(p.clamp_min(1e-12))).sum(1).mean()).backward()
+        opt.step()
+    conf = p.detach().max(1).values
+    # a beta between the batch's confidences, so that the rule both keeps and rejects features
+    beta = float(conf.sort().values[conf.numel() // 2 - 1] + conf.sort().values[conf.numel() // 2]) / 2
+    keep = conf >= beta
+    assert 0 < int(keep.sum()) < conf.numel()
+
+    adapter = adapter_with(beta=beta)
+    probs = adapter(x)
+    torch.testing.assert_close(probs, p.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adapter.feature_bn.weight.detach(), w.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adapter.feature_bn.bias.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    mem = adapter.memory
+    feats_mem, labels_mem = mem.rows()
+    assert mem.num_test == int(keep.sum())
+    torch.testing.assert_close(feats_mem[mem.num_source:], F.normalize(z.detach(), dim=1)[keep], rtol=1e-4, atol=1e-5)
+    assert torch.equal(labels_mem[mem.num_source:], p.detach().argmax(1)[keep])
+    # the reference's confidence (softmax of the scores) is a different rule: with softmax_confidence the
+    # kept set follows it
+    quirk = adapter_with(beta=0.3, softmax_confidence=True)
+    quirk(x)
+    quirk_keep = p.detach().softmax(1).max(1).values >= 0.3
+    assert 0 < int(quirk_keep.sum()) < conf.numel() and not torch.equal(quirk_keep, keep)
+    assert quirk.memory.num_test == int(quirk_keep.sum())
+    assert torch.equal(quirk.memory.rows()[1][quirk.memory.num_source:], p.detach().argmax(1)[quirk_keep])
+
+
+def test_extend_memory_false_changes_nothing():
+    """Without the extension the adapter is a fixed classifier: memory (rows, labels, stamps, counters),
+    model and output stay exactly as they were, batch after batch, and it still saves and loads."""
+    adapter = make(extend_memory=False, k=5)
+    model_before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    mem = adapter.memory
+    before = (mem.features.clone(), mem.labels.clone(), mem.stamps.clone(), mem.size, mem.next_stamp)
+    x = torch.rand(6, 3, 8, 8)
+    first = adapter(x)
+    for _ in range(5):
+        adapter(torch.rand(7, 3, 8, 8) * 3)
+    assert torch.equal(adapter(x), first)
+    assert torch.equal(mem.features, before[0]) and torch.equal(mem.labels, before[1])
+    assert torch.equal(mem.stamps, before[2]) and (mem.size, mem.next_stamp) == before[3:]
+    for k, v in adapter.model.state_dict().items():
+        assert torch.equal(v, model_before[k]), k
+    assert adapter.collect_params() == []
+    # the same input through a fresh adapter with the extension on differs once the memory has grown
+    grown = make(k=5, beta=0.0)
+    grown(x)
+    for _ in range(5):
+        grown(torch.rand(7, 3, 8, 8) * 3)
+    assert grown.memory.num_test == 41 and not torch.equal(grown(x), first)
+
+
+def test_extend_memory_false_with_feature_bn_trains_the_bn_only():
+    adapter = make(extend_memory=False, feature_bn=True, k=5, bn_lr=1e-2)
+    size = adapter.memory.size
+    adapter(torch.rand(6, 3, 8, 8) * 2)
+    assert adapter.memory.size == size and adapter.memory.next_stamp == 0
+    assert not torch.equal(adapter.feature_bn.weight, torch.ones(8))

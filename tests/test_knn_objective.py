@@ -165,3 +165,53 @@ def test_shipped_knn_card_memory_reproduces_the_recorded_vote_accuracy() -> None
                       for i in range(0, len(y), 500))
     assert adapter.memory.num_test == 0
     assert correct == knn["clean_correct_knn_vote"], f"{correct / 100:.2f}% vs card {knn['clean_accuracy_knn_vote']}%"
+
+
+@pytest.mark.data
+def test_training_pushes_each_batch_into_the_queue_after_its_step(tmp_path: Path, monkeypatch) -> None:
+    """The reference's update order (``KNN.update``): the batch votes against the queue as it stands,
+    the step is taken, then the batch's features from that forward pass (detached) and its labels
+    overwrite the oldest queue rows, so the next batch votes against them."""
+    from tta.models import knn_objective, training
+
+    votes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
+    losses: list[torch.Tensor] = []
+    pushes: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def recording_vote(features, memory, memory_labels, num_classes, k, temperature):
+        votes.append((features.detach().clone(), memory.clone(), memory_labels.clone(), temperature))
+        return knn_objective.knn_vote_scores(features, memory, memory_labels, num_classes, k, temperature)
+
+    def recording_loss(scores, labels):
+        losses.append(labels.clone())
+        return knn_objective.knn_vote_loss(scores, labels)
+
+    class RecordingQueue(knn_objective.FeatureQueue):
+        def push(self, features, labels):
+            pushes.append((features.detach().clone(), labels.clone(), self.ptr))
+            super().push(features, labels)
+
+    monkeypatch.setattr(training, "knn_vote_scores", recording_vote)
+    monkeypatch.setattr(training, "knn_vote_loss", recording_loss)
+    monkeypatch.setattr(training, "FeatureQueue", RecordingQueue)
+    cfg = training.TrainConfig(objective="knn", epochs=1, batch_size=32, limit_train=128, limit_test=50,
+                               arch_kwargs={"width": 4}, knn_queue=48, knn_k=5, memory_rows=64,
+                               out=str(tmp_path / "q"), optimizer="adamw", lr=1e-2, weight_decay=0.0)
+    training.train_source(cfg, progress=False)
+
+    steps = 128 // 32
+    train_votes = votes[:steps]  # later calls: the evaluation of the finished network
+    assert len(pushes) == 1 + steps and len(losses) == steps  # the prefill, then one push per step
+    assert pushes[0][0].shape[0] == 48 and pushes[0][2] == 0
+    for i in range(steps):
+        feats, labels, ptr = pushes[1 + i]
+        vote_feats, _, _, tau = train_votes[i]
+        torch.testing.assert_close(feats, vote_feats)  # the features the batch was voted with, before the step
+        assert torch.equal(labels, losses[i])
+        assert ptr == (48 + 32 * i) % 48
+        assert tau == pytest.approx(annealed_temperature(i, steps))
+        if i + 1 < steps:  # the next step votes against a queue holding this batch, normalised
+            _, memory, memory_labels, _ = train_votes[i + 1]
+            slots = (ptr + torch.arange(32)) % 48
+            torch.testing.assert_close(memory[slots], F.normalize(feats, dim=1))
+            assert torch.equal(memory_labels[slots], labels)

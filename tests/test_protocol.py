@@ -319,3 +319,22 @@ def test_presets_are_found_in_search_order_and_never_written_into_the_package(to
     with pytest.raises(ConfigError, match="installed package"):
         presets.output_path(str(Path(paths.__file__).parent / "_data" / "presets" / "x.yaml"))
     assert presets.output_path("tuned") == toy / "user" / "tta-runtime" / "presets" / "tuned.yaml"
+
+
+def test_shipped_tuned_preset_fits_the_shipped_card_and_came_from_validation():
+    """presets/tuned.yaml: every entry was chosen on a validation stream, for the card's current checkpoint
+    (a retrained card must be retuned), with typed values its adapter's config accepts."""
+    from tta.adapters import get_adapter_class
+    from tta.models import get_card
+
+    path = Path(__file__).resolve().parents[1] / "presets" / "tuned.yaml"
+    entries = yaml.safe_load(path.read_text())["entries"]
+    assert entries
+    for card_name, adapters in entries.items():
+        card = get_card(card_name)
+        for adapter, entry in adapters.items():
+            assert entry["validation"]["role"] == "validation"
+            assert entry["validation"]["stream"] == "fmnist-c-val"
+            base, values, _ = presets.resolve(str(path), card, adapter, required=True)
+            assert base == "cifar10" and values == entry["values"]
+            get_adapter_class(adapter).Config.build(base, **values)
