@@ -13,14 +13,31 @@ the op against the composite (fp32: 1e-4; half types: one unit in the last place
 - bn-train-<shape>: forward + backward with batch statistics (TENT's path): the op with its fused
   backward vs `F.batch_norm(training=True)`.
 - knn-M<m>-D<d>-B<b>: `tta.ops.knn_vote` vs matmul + topk + softmax + scatter_add, k=100, tau=0.1.
+
+Achieved bandwidth of the BN op (GB/s = bytes / op time) counts every read and write of a tensor
+element once per pass, as the kernels make them, with E = numel(x) * element size:
+  forward (statistics pass reads x; normalise pass reads x, writes y):           3 E
+  forward + backward (forward 3 E; gradient-sums pass reads dy and x; input-gradient
+  pass reads dy and x and writes dx: 5 E):                                        8 E
+(per-channel statistics and coefficients are O(C) and left out). "% peak" divides by the
+device's peak memory bandwidth, `--peak-gbs` (default 4800 GB/s: NVIDIA H200 SXM datasheet,
+"GPU memory bandwidth 4.8TB/s").
+
+Robustness: a case that raises (wrong result, CUDA error, out of memory) is recorded with its error
+and the run goes on; a watchdog ends the process (exit 3) when one case runs longer than
+`--case-timeout` seconds, after writing the rows measured so far and the stuck case to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import threading
+import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +47,11 @@ from tta.ops import reference
 
 BN_SHAPES = [(200, 16, 32, 32), (200, 64, 8, 8), (64, 256, 14, 14), (64, 64, 56, 56), (256, 64, 56, 56)]
 KNN = [(m, d, b) for m in (10_000, 100_000, 1_000_000) for d in (64, 512) for b in (64, 256)]
+KNN += [(100_000, 64, 1), (1_000_000, 64, 8)]  # few queries over a large memory: the split scan
 K, TAU, CLASSES = 100, 0.1, 10
 TOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+H200_PEAK_GBS = 4800.0  # NVIDIA H200 SXM datasheet: 4.8 TB/s HBM3e
+BN_PASSES_BYTES = {"forward": 3, "train": 8}  # multiples of numel * element size, see the docstring
 
 
 def cuda_time(fn, iters: int, repeats: int) -> float:
@@ -56,53 +76,74 @@ def composite_bn(x, rm, rv, w, b, a, eps):
     return F.batch_norm(x, a * rm + (1 - a) * mean, a * rv + (1 - a) * var, w, b, False, 0.0, eps)
 
 
+def shape_name(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def bn_cases(args):
+    """Yields (name, thunk); the thunk builds, checks and times one case: dict of the row's fields."""
     for shape in BN_SHAPES:
         for layout in ("nchw", "cl"):
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 if layout == "cl" and dtype != torch.float32:
                     continue
-                x = torch.randn(shape, device="cuda").to(dtype)
-                if layout == "cl":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                c = shape[1]
-                rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
-                w, b = torch.rand(c, device="cuda"), torch.randn(c, device="cuda")
-                name = "bn-" + "x".join(map(str, shape)) + ("-cl" if layout == "cl" else "")
+                name = "bn-" + shape_name(shape) + ("-cl" if layout == "cl" else "")
                 name += "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-                with torch.no_grad():
-                    op = lambda: tta.ops.bn_calibrate(x, rm, rv, w, b, 0.9, 1e-5)  # noqa: E731
-                    # the composite in fp32 with one rounding: what the op computes
-                    want = composite_bn(x.float(), rm, rv, w, b, 0.9, 1e-5).to(dtype)
-                    got = op()
-                    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
-                    comp = lambda: composite_bn(x, rm, rv, w, b, 0.9, 1e-5)  # noqa: E731
-                    yield name, cuda_time(op, args.iters, args.repeats), cuda_time(comp, args.iters, args.repeats)
+
+                def run(shape=shape, layout=layout, dtype=dtype):
+                    x = torch.randn(shape, device="cuda").to(dtype)
+                    if layout == "cl":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    c = shape[1]
+                    rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
+                    w, b = torch.rand(c, device="cuda"), torch.randn(c, device="cuda")
+                    with torch.no_grad():
+                        op = lambda: tta.ops.bn_calibrate(x, rm, rv, w, b, 0.9, 1e-5)  # noqa: E731
+                        # the composite in fp32 with one rounding: what the op computes
+                        want = composite_bn(x.float(), rm, rv, w, b, 0.9, 1e-5).to(dtype)
+                        got = op()
+                        torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+                        comp = lambda: composite_bn(x, rm, rv, w, b, 0.9, 1e-5)  # noqa: E731
+                        t_op = cuda_time(op, args.iters, args.repeats)
+                        t_comp = cuda_time(comp, args.iters, args.repeats)
+                    return bandwidth(t_op, t_comp, x, "forward", args.peak_gbs)
+
+                yield name, run
+
+
+def bandwidth(t_op: float, t_comp: float, x: torch.Tensor, kind: str, peak_gbs: float) -> dict:
+    nbytes = BN_PASSES_BYTES[kind] * x.numel() * x.element_size()
+    gbs = nbytes / (t_op * 1e-3) / 1e9
+    return {"op_ms": t_op, "composite_ms": t_comp, "bytes": nbytes, "op_gbs": gbs, "pct_peak": 100.0 * gbs / peak_gbs}
 
 
 def bn_train_cases(args):
     for shape in BN_SHAPES:
-        c = shape[1]
-        x = torch.randn(shape, device="cuda", requires_grad=True)
-        rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
-        w = torch.rand(c, device="cuda", requires_grad=True)
-        b = torch.randn(c, device="cuda", requires_grad=True)
-        gy = torch.randn(shape, device="cuda")
 
-        def step(fused: bool):
-            if fused:
-                y = tta.ops.bn_calibrate(x, rm, rv, w, b, 0.0, 1e-5)
-            else:
-                y = F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
-            x.grad = w.grad = b.grad = None
-            y.backward(gy)
-            return x.grad, w.grad, b.grad
+        def run(shape=shape):
+            c = shape[1]
+            x = torch.randn(shape, device="cuda", requires_grad=True)
+            rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+            w = torch.rand(c, device="cuda", requires_grad=True)
+            b = torch.randn(c, device="cuda", requires_grad=True)
+            gy = torch.randn(shape, device="cuda")
 
-        for got, want in zip(step(True), step(False)):
-            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-        name = "bn-train-" + "x".join(map(str, shape))
-        yield name, cuda_time(lambda: step(True), args.iters, args.repeats), \
-            cuda_time(lambda: step(False), args.iters, args.repeats)
+            def step(fused: bool):
+                if fused:
+                    y = tta.ops.bn_calibrate(x, rm, rv, w, b, 0.0, 1e-5)
+                else:
+                    y = F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+                x.grad = w.grad = b.grad = None
+                y.backward(gy)
+                return x.grad, w.grad, b.grad
+
+            for got, want in zip(step(True), step(False)):
+                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+            t_op = cuda_time(lambda: step(True), args.iters, args.repeats)
+            t_comp = cuda_time(lambda: step(False), args.iters, args.repeats)
+            return bandwidth(t_op, t_comp, x, "train", args.peak_gbs)
+
+        yield "bn-train-" + shape_name(shape), run
 
 
 def torch_knn(q, mem, labels):
@@ -112,20 +153,61 @@ def torch_knn(q, mem, labels):
 
 
 def knn_cases(args):
-    g = torch.Generator(device="cuda").manual_seed(0)
     for m, d, b in KNN:
-        mem = F.normalize(torch.randn(m, d, device="cuda", generator=g), dim=1)
-        labels = torch.randint(0, CLASSES, (m,), device="cuda", generator=g)
-        q = torch.randn(b, d, device="cuda", generator=g)
-        op = lambda: tta.ops.knn_vote(F.normalize(q, dim=1), mem, labels, CLASSES, K, TAU, metric="ip")  # noqa: E731
-        want = reference.knn_vote(F.normalize(q, dim=1), mem, labels, CLASSES, K, TAU, metric="ip")[0]
-        got = op()
-        agree = float((got.argmax(1) == want.argmax(1)).float().mean())
-        if agree < 0.99:
-            raise AssertionError(f"knn M{m} D{d} B{b}: op and reference agree on {agree:.3f} of the votes")
-        iters = max(1, args.iters // 10) if m >= 1_000_000 else args.iters
-        yield f"knn-M{m}-D{d}-B{b}", cuda_time(op, iters, args.repeats), \
-            cuda_time(lambda: torch_knn(q, mem, labels), iters, args.repeats)
+
+        def run(m=m, d=d, b=b):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            mem = F.normalize(torch.randn(m, d, device="cuda", generator=g), dim=1)
+            labels = torch.randint(0, CLASSES, (m,), device="cuda", generator=g)
+            q = torch.randn(b, d, device="cuda", generator=g)
+            op = lambda: tta.ops.knn_vote(F.normalize(q, dim=1), mem, labels, CLASSES, K, TAU, metric="ip")  # noqa: E731
+            want = reference.knn_vote(F.normalize(q, dim=1), mem, labels, CLASSES, K, TAU, metric="ip")
+            got = tta.ops.knn_vote(F.normalize(q, dim=1), mem, labels, CLASSES, K, TAU, metric="ip",
+                                   return_neighbors=True)
+            # same neighbour similarity profile (order among near-ties may differ), same votes
+            torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-5)
+            agree = float((got[0].argmax(1) == want[0].argmax(1)).float().mean())
+            if agree < 0.99:
+                raise AssertionError(f"op and reference agree on {agree:.3f} of the votes")
+            iters = max(1, args.iters // 10) if m >= 1_000_000 else args.iters
+            return {"op_ms": cuda_time(op, iters, args.repeats),
+                    "composite_ms": cuda_time(lambda: torch_knn(q, mem, labels), iters, args.repeats)}
+
+        yield f"knn-M{m}-D{d}-B{b}", run
+
+
+class Watchdog:
+    """Ends the process when one case outlives `timeout` s (a hung kernel blocks Python in C)."""
+
+    def __init__(self, timeout: float, on_fire):
+        self.timeout, self.on_fire = timeout, on_fire
+        self.case, self.started = None, None
+        self.lock = threading.Lock()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def begin(self, case: str) -> None:
+        with self.lock:
+            self.case, self.started = case, time.monotonic()
+
+    def end(self) -> None:
+        with self.lock:
+            self.case, self.started = None, None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self.lock:
+                stuck = self.case if self.started and time.monotonic() - self.started > self.timeout else None
+            if stuck:
+                self.on_fire(stuck)
+                os._exit(3)
+
+
+def fmt_row(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['case']} | error | | | | {row['error'].splitlines()[0][:160]} |"
+    gbs = f"{row['op_gbs']:.0f} | {row['pct_peak']:.1f}%" if "op_gbs" in row else " | "
+    return f"| {row['case']} | {row['op_ms']:.4f} | {row['composite_ms']:.4f} | {row['speedup']:.2f}x | {gbs} |"
 
 
 def main() -> int:
@@ -134,27 +216,57 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", choices=["bn", "bn-train", "knn"], default=None)
     ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--peak-gbs", type=float, default=H200_PEAK_GBS,
+                    help="device peak memory bandwidth for the %% column (default: H200 datasheet, 4800)")
+    ap.add_argument("--case-timeout", type=float, default=60.0, help="seconds before a case counts as hung")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("no CUDA GPU visible")
     if tta.ops.backend() != "cpp+cuda":
         ap.error(f"tta._C has no CUDA kernels (backend {tta.ops.backend()}: {tta.ops.LOAD_ERROR})")
     torch.backends.cuda.matmul.allow_tf32 = False
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "iters": args.iters, "repeats": args.repeats, "peak_gbs": args.peak_gbs,
+              "bytes_formula": "bn forward: 3 * numel * element_size; bn-train (forward + backward): 8 * numel * "
+                               "element_size; GB/s = bytes / op time",
+              "cases": []}
+
+    def write(extra: dict | None = None) -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**result, **(extra or {})}, f, indent=2)
+
+    def on_hang(case: str) -> None:
+        print(f"| {case} | hung | | | | over {args.case_timeout:.0f} s: process ended |", flush=True)
+        write({"hung_case": case})
+
+    dog = Watchdog(args.case_timeout, on_hang)
     suites = {"bn": bn_cases, "bn-train": bn_train_cases, "knn": knn_cases}
-    rows = []
-    print("| case | op (ms) | composite (ms) | composite / op |\n|---|---|---|---|", flush=True)
+    print("| case | op (ms) | composite (ms) | composite / op | op GB/s | % peak |\n|---|---|---|---|---|---|",
+          flush=True)
+    failures = 0
     for key, suite in suites.items():
         if args.only and key != args.only:
             continue
-        for name, t_op, t_comp in suite(args):
-            rows.append({"case": name, "op_ms": t_op, "composite_ms": t_comp, "speedup": t_comp / t_op})
-            print(f"| {name} | {t_op:.4f} | {t_comp:.4f} | {t_comp / t_op:.2f}x |", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "iters": args.iters, "repeats": args.repeats, "cases": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+        for name, run in suite(args):
+            dog.begin(name)
+            try:
+                row = {"case": name, **run()}
+                row["speedup"] = row["composite_ms"] / row["op_ms"]
+            except Exception as exc:  # noqa: BLE001  (record and go on to the next case)
+                failures += 1
+                row = {"case": name, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001  (a sticky CUDA error: later cases will say so too)
+                    pass
+            finally:
+                dog.end()
+            result["cases"].append(row)
+            print(fmt_row(row), flush=True)
+            write()
+    write({"failures": failures})
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -3,19 +3,32 @@
 # and pytest) already installed: builds tta._C in place with its CUDA kernels, runs the CUDA tests,
 # the CUDA kernel benchmark and CoTTA's fast path vs reference_mode on the GPU.
 #
-#   OUT=runs/gpu bash bench/gpu_check.sh         # ~3 min on an H200
+#   OUT=runs/gpu bash bench/gpu_check.sh         # ~4 min on an H200
+#   OUT=runs/gpu TRAIN_VIT=1 TTA_FASHION_MNIST_DIR=... bash bench/gpu_check.sh
+#   ADAPTERS=0 skips the last stage (adapter steps vs source forward, twice: compiled ops and torch ops).
 #
 # Nothing is installed: the build goes next to the sources (tta/_C*.so) and PYTHONPATH points here.
-# Every stage has its own time limit, so a stage that fails or hangs leaves the others' results.
-# Writes $OUT/log.txt (everything printed), build.log, ops_cuda.json, cotta_card.json, cotta_r50.json,
-# adapters_cuda.json and adapters_cuda_torch.json (the same with the torch reference ops).
+# Pure-Python dependencies the machine lacks (platformdirs, ...) can sit as wheels in $WHEELS (default
+# .whl); they are unpacked to a temporary folder first. Every stage has its own time limit, so a stage
+# that fails or hangs leaves the others' results.
+# TRAIN_VIT=1 also trains the ViT card (models/vit-fmnist's recipe, `tta train-source --device cuda`)
+# while the extension builds and the CUDA tests run; the timed stages start after it has finished.
+# Writes $OUT/log.txt (everything printed, with the build's warnings), ops_cuda.json, cotta_card.json, cotta_r50.json,
+# adapters_cuda.json and adapters_cuda_torch.json (the same with the torch reference ops), and with
+# TRAIN_VIT=1 vit.tar (models/vit-fmnist.* and the log).
 set -u
 OUT=${OUT:-runs/gpu}
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/tta-site "$WHEELS"/*.whl \
+    && export PYTHONPATH=/tmp/tta-site:$PYTHONPATH
+fi
 log() { tee -a "$OUT/log.txt"; }
 stage() { echo -e "\n== $* ($(date -u +%T))" | log; }
 
@@ -23,18 +36,61 @@ stage environment
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $PY -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
-  nvcc --version | tail -2; nproc; } 2>&1 | log
+  nvcc --version | tail -2; nproc
+  echo '$ python3 -c "import tensorrt"'; $PY -c "import tensorrt; print('tensorrt', tensorrt.__version__)"
+  $PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, 'providers:', o.get_available_providers())"
+  } 2>&1 | log
+
+if [ "${TRAIN_VIT:-0}" = 1 ]; then
+  stage "train the ViT card on the GPU, then its ViDA warm-up, EATA Fisher and RMT prototypes (background)"
+  rm -rf /tmp/tta-vit; mkdir -p /tmp/tta-vit/models
+  ( ( cd /tmp/tta-vit && set -e
+    timeout "${VIT_TIMEOUT:-300}" $PY -m tta train-source --dataset fashion-mnist \
+      --arch vit_patch4_32 --epochs 60 --lr 0.002 --threads 4 --eval-every 10 --device cuda --no-progress \
+      --arch-kwargs '{"embed_dim":64,"depth":6,"num_heads":4,"mlp_ratio":2.0}' --out models/vit-fmnist
+    timeout 120 $PY -m tta warmup-adapters --model vit-fmnist --steps 200 --device cuda --no-progress
+    timeout 60 $PY -m tta build-fisher --model vit-fmnist --device cuda --out models/vit-fmnist.fisher.safetensors
+    timeout 90 $PY -m tta build-prototypes --model vit-fmnist --device cuda \
+      --out models/vit-fmnist.prototypes.safetensors ) >/tmp/tta-vit/vit.log 2>&1
+  echo "vit stage exit $?" >>/tmp/tta-vit/vit.log; tar -C /tmp/tta-vit -cf "$OUT/vit.tar" models vit.log ) &
+  VIT_PID=$!
+fi
 
 stage "build tta._C (TORCH_CUDA_ARCH_LIST=$ARCH)"
 start=$(date +%s)
-TORCH_CUDA_ARCH_LIST=$ARCH TTA_WITH_CUDA=1 timeout 420 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+TORCH_CUDA_ARCH_LIST=$ARCH TTA_WITH_CUDA=1 timeout 420 $PY setup.py build_ext --inplace >/tmp/tta-build.log 2>&1
 echo "build exit $? in $(($(date +%s) - start)) s" | log
-tail -3 "$OUT/build.log" | log
+grep -i -E "warning|error" /tmp/tta-build.log | grep -v "^ninja" | tail -20 | log; tail -2 /tmp/tta-build.log | log
 $PY -c "import tta.ops as o; print('backend', o.backend(), o.LOAD_ERROR or '')" 2>&1 | log
 
 stage "CUDA tests"
 timeout 300 $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rfE \
   tests/test_ops_bn.py tests/test_ops_knn.py tests/test_engine.py tests/test_cuda_adapters.py 2>&1 | tail -40 | log
+
+stage "which call of the input checks synchronises (sync debug mode as errors, with the stack)"
+timeout 60 $PY - <<'PYEOF' 2>&1 | tail -25 | log
+import traceback, warnings, torch
+from tta.adapters.inputs import value_verdict
+import tta, tta.models
+x = torch.rand(8, 3, 32, 32, device="cuda")
+a = tta.adapt(tta.models.load("resnet20-fmnist"), "tent").cuda()
+a(x); torch.cuda.synchronize()
+for what, fn in (("validate_batch", lambda: a.validate_batch(x)),
+                 ("value_verdict", lambda: value_verdict(x, a.input_range)),
+                 ("step", lambda: a(x))):
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(); print(what, "no sync")
+    except RuntimeError:
+        print(what, "SYNC:"); traceback.print_exc(limit=-6)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+PYEOF
+
+if [ -n "${VIT_PID:-}" ]; then
+  stage "waiting for the ViT training"
+  wait "$VIT_PID"; tar -xOf "$OUT/vit.tar" vit.log | grep -v "^epoch=[0-9]*[1-9] " | tail -12 | log
+fi
 
 stage "CUDA kernel benchmark"
 timeout 240 $PY bench/bench_ops_cuda.py --out "$OUT/ops_cuda.json" 2>&1 | log
@@ -47,8 +103,10 @@ stage "CoTTA on the GPU: timm resnet50 (random weights), batch 64, 224 px, 32 vi
 timeout 300 $PY bench/bench_cotta.py --device cuda --model timm:resnet50 --classes 1000 --batch 64 --size 224 \
   --views 32 --batches 3 --modes floor,fast,reference,skip,fast_bf16 --out "$OUT/cotta_r50.json" 2>&1 \
   | grep -v '^batch' | log
+if [ "${ADAPTERS:-1}" = 1 ]; then
 stage "adapter step vs source forward on the GPU (default card, batch 200): compiled ops, then TTA_DISABLE_C=1"
 timeout 200 $PY bench/bench_adapters.py --device cuda --rounds 15 --json "$OUT/adapters_cuda.json" 2>&1 | log
 TTA_DISABLE_C=1 timeout 200 $PY bench/bench_adapters.py --device cuda --rounds 15 \
   --json "$OUT/adapters_cuda_torch.json" 2>&1 | log
+fi
 stage done

@@ -145,7 +145,8 @@ def count_syncs(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    # only the per-operation warnings: setting the mode itself warns that it is a prototype feature
+    return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def test_input_checks_make_no_host_sync_and_steps_one():

@@ -290,3 +290,53 @@ def test_opcheck_bn_calibrate_backward():
         _, bm, bv = torch.ops.tta.bn_calibrate(x, mean, var, w, None, 0.3, 1e-5)
         torch.library.opcheck(torch.ops.tta.bn_calibrate_backward.default,
                               (torch.randn(shape), x, mean, var, w, bm, bv, 0.3, 1e-5))
+
+
+# Inputs that steer the CUDA kernels through each of their paths: 16-byte packs or one value per
+# load (plane or channel count not a multiple of the pack, or a storage offset that breaks the
+# alignment), one sample, a channel split over many blocks, channels_last with C under / over one
+# block of lanes.
+KERNEL_PATH_CASES = [
+    ((1, 3, 5, 7), "contiguous"),  # B=1, odd plane: single values
+    ((2, 8, 4, 4), "contiguous"),  # packs of 4 (fp32) and 8 (half types)
+    ((3, 5, 6, 2), "contiguous"),  # plane of 12: fp32 packs, half types single values
+    ((1, 64, 56, 56), "contiguous"),  # B=1, large planes split over blocks
+    ((32, 64, 28, 28), "contiguous"),  # many splits per channel
+    ((16, 16, 32, 32), "channels_last"),  # C=16: fewer packs per row than lanes
+    ((4, 20, 8, 8), "channels_last"),  # C=20: fp32 packs, half types single values
+    ((2, 264, 3, 3), "channels_last"),  # more packs per row than one block's lanes
+    ((8, 16, 8, 8), "misaligned"),  # storage offset of one element: single values
+    ((8, 24, 9, 8), "misaligned-channels_last"),
+]
+
+
+def make_path_input(shape, layout, dtype, device):
+    if not layout.startswith("misaligned"):
+        return make_input(shape, layout, dtype, device)
+    n, c, h, w = shape
+    base = (torch.randn(n * c * h * w + 1, device=device) * 3.0 + 1.0).to(dtype)[1:]
+    if layout == "misaligned":
+        return base.view(shape)
+    return base.view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last strides, offset storage
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", KERNEL_PATH_CASES, ids=str)
+def test_kernel_paths_forward_and_backward(shape, layout, dtype, device):
+    x = make_path_input(shape, layout, dtype, device)
+    assert layout != "misaligned-channels_last" or x.is_contiguous(memory_format=torch.channels_last)
+    mean, var, w, b = make_stats(shape[1], device)
+    y, bm, bv = torch.ops.tta.bn_calibrate(x, mean, var, w, b, 0.3, 1e-5)
+    y_ref, bm_ref, bv_ref = reference.bn_calibrate_stats(x, mean, var, w, b, 0.3, 1e-5)
+    assert_close(y, y_ref, dtype, "output")
+    assert_close(bm, bm_ref, torch.float32, "batch mean")
+    assert_close(bv, bv_ref, torch.float32, "batch var")
+    gy = torch.randn(x.shape, device=device).to(dtype)
+    dx, dw, db = torch.ops.tta.bn_calibrate_backward(gy, x, mean, var, w, bm, bv, 0.3, 1e-5)
+    xr, wr, br = (t.detach().float().clone().requires_grad_() for t in (x, w, b))
+    reference.bn_calibrate(xr, mean, var, wr, br, 0.3, 1e-5).backward(gy.float())
+    rtol, atol = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    torch.testing.assert_close(dx.float(), xr.grad, rtol=rtol, atol=atol * float(xr.grad.abs().max()))
+    torch.testing.assert_close(dw, wr.grad, rtol=rtol, atol=atol * float(wr.grad.abs().max()))
+    torch.testing.assert_close(db, br.grad, rtol=rtol, atol=atol * float(br.grad.abs().max()))

@@ -172,3 +172,32 @@ def test_torch_compile_fullgraph_equals_eager():
 
     q, mem, labels = torch.randn(9, 12), torch.randn(500, 12).half(), torch.randint(0, 7, (500,))
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, mem, labels), f(q, mem, labels))
+
+
+# The CUDA kernel cuts each query's memory scan into ranges (one block per query and range, then a
+# merge of the ranges' lists): one query over many ranges, M not a multiple of the range count,
+# k=256 over two ranges, and a second memory tile (9 rows per range) whose ranges hold fewer rows
+# than k.
+SPLIT_CASES = [
+    # B, M, D, C, k
+    (1, 100_003, 16, 10, 100),
+    (1, 3000, 8, 5, 256),
+    (2, 70_001, 8, 5, 256),
+    (100, 671_088 + 50, 4, 10, 100),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}-M{}-D{}-C{}-k{}".format(*c))
+def test_split_scan_matches_reference(case, metric, device):
+    B, M, D, C, k = case
+    q = torch.randn(B, D, device=device)
+    mem = torch.randn(M, D, device=device)
+    labels = torch.randint(0, C, (M,), device=device)
+    got = torch.ops.tta.knn_vote(q, mem, labels, C, k, 0.1, metric)
+    want = reference.knn_vote(q, mem, labels, C, k, 0.1, metric)
+    assert (got[1] >= 0).all() and (got[1] < M).all()
+    assert all(len(set(row)) == k for row in got[1].tolist()), "a neighbour was returned twice"
+    assert_same_neighbours(q.cpu(), mem.cpu(), [t.cpu() for t in got], [t.cpu() for t in want], metric, TIE[torch.float32])
+    torch.testing.assert_close(got[0], vote_of(got[2], got[1], labels, C, 0.1), rtol=1e-4, atol=2e-5)

@@ -135,6 +135,8 @@ def test_predict_current_never_changes_an_adapters_state(name, single_thread):
         adapter = tta.adapt(tiny_cnn(), name)
     except tta.errors.TTAError as exc:  # an adapter that needs a card artefact or a BN-free model
         pytest.skip(f"{name}: {exc}")
+    if name == "rmt":  # source class prototypes: 10 classes x the 16 pooled features of tiny_cnn
+        adapter.set_prototypes(torch.randn(10, 16, generator=torch.Generator().manual_seed(3)))
     x = torch.rand(8, 3, 8, 8)
     adapter(x)  # one step: optimizer state, teacher and counters exist
     before = copy.deepcopy(adapter.state_dict())

@@ -1,12 +1,20 @@
-// CUDA kernels of tta::bn_calibrate / tta::bn_calibrate_update.
+// CUDA kernels of tta::bn_calibrate / tta::bn_calibrate_update / tta::bn_calibrate_backward.
 //
-// 1. partial moments: the (channel, split) grid gives each block a slice of one channel's values;
-//    threads run Welford in fp32 and the block merges them with warp shuffles (Chan's formula).
-//    NCHW walks each channel's N contiguous planes; channels_last maps 32 adjacent channels to the
-//    lanes of a warp so loads stay coalesced, with 8 row lanes per block.
+// Every pass reads the input as packs of V = 16 bytes / element size values (float4 for fp32,
+// 8 halves) when the innermost run (S = H*W for NCHW, C for channels_last) is a multiple of V and
+// the pointers are 16-byte aligned, else one value at a time (V = 1); each thread keeps kUnroll
+// independent pack loads in flight. Indices are tracked incrementally (no division per element).
+// Forward:
+// 1. partial moments, grid (channel blocks, splits): each block reduces a contiguous slice of one
+//    channel's values (NCHW: the channel's N planes as one sequence; channels_last: a range of
+//    rows, with TX lanes x TY rows per block, each lane owning V adjacent channels). Threads run
+//    Welford in fp32, merging one (count, mean, M2) per kUnroll packs (Chan's formula), and the
+//    block merges them (warp shuffles / a shared-memory tree); splits are chosen to give ~8 blocks
+//    per SM so the whole GPU streams the input.
 // 2. finalize: one thread per channel merges its splits, mixes with the source statistics, writes
 //    scale/shift and the batch statistics, and (update variant) moves the running statistics.
-// 3. apply: y = x * scale[c] + shift[c], grid-stride, any float dtype in and out.
+// 3. apply: y = x * scale[c] + shift[c], a grid-stride streaming pass over packs.
+// Backward: the same three-pass structure with fp32 sums of g and g * (x - m) per split.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -18,7 +26,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "../ops/common.h"
 #include "reduce.cuh"
@@ -27,18 +37,120 @@ namespace tta::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kClLanes = 32, kClRows = 8;
+constexpr int kUnroll = 4;     // pack loads in flight per thread and loop iteration
+constexpr int kVecBytes = 16;  // one 128-bit load per pack
+constexpr int kBlocksPerSm = 8;
 
-template <typename scalar_t>
-__global__ void partial_nchw_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t S,
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* __restrict__ p, int64_t pack_index) {
+  return reinterpret_cast<const Pack<T, V>*>(p)[pack_index];
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t pack_index, const Pack<T, V>& v) {
+  reinterpret_cast<Pack<T, V>*>(p)[pack_index] = v;
+}
+
+// Position (n, s) of pack i = n * Sv + s within one channel's N planes of Sv packs, moved forward
+// by a fixed stride without dividing: s += ds, n += dn, and one carry.
+struct PlaneCursor {
+  int64_t n, s, dn, ds, Sv;
+  __device__ PlaneCursor(int64_t i, int64_t stride, int64_t Sv_) : Sv(Sv_) {
+    n = i / Sv;
+    s = i - n * Sv;
+    dn = stride / Sv;
+    ds = stride - dn * Sv;
+  }
+  __device__ __forceinline__ void advance() {
+    s += ds;
+    n += dn;
+    if (s >= Sv) {
+      s -= Sv;
+      ++n;
+    }
+  }
+};
+
+// Channel of flat pack i of a (P planes x Sv packs) tensor whose plane p has channel p % C,
+// moved forward by a fixed stride without dividing (channels_last: Sv = 1, C = packs per row).
+struct ChannelCursor {
+  int64_t s, c, ds, dc, Sv, C;
+  __device__ ChannelCursor(int64_t i, int64_t stride, int64_t Sv_, int64_t C_) : Sv(Sv_), C(C_) {
+    const int64_t p = i / Sv;
+    s = i - p * Sv;
+    c = p % C;
+    const int64_t dp = stride / Sv;
+    ds = stride - dp * Sv;
+    dc = dp % C;
+  }
+  __device__ __forceinline__ void advance() {
+    s += ds;
+    c += dc;  // < 2C - 1 after the carry below, so one subtraction wraps it
+    if (s >= Sv) {
+      s -= Sv;
+      ++c;
+    }
+    if (c >= C) c -= C;
+  }
+};
+
+// Merges `valid` packs (valid * V values) into w: one Chan update per group of values. The group's
+// moments are taken relative to its first value (offset data loses no digits to large sums).
+template <typename T, int V>
+__device__ __forceinline__ void push_packs(Welford& w, const Pack<T, V> (&p)[kUnroll], int valid) {
+  if (valid == 0) return;
+  const float pivot = static_cast<float>(p[0].v[0]);
+  float sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < valid) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) sum += static_cast<float>(p[u].v[j]) - pivot;
+    }
+  }
+  const float cnt = static_cast<float>(valid * V);
+  const float md = sum / cnt;
+  float m2 = 0.f;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < valid) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float d = (static_cast<float>(p[u].v[j]) - pivot) - md;
+        m2 += d * d;
+      }
+    }
+  }
+  w.merge(cnt, pivot + md, m2);
+}
+
+// NCHW: block (c, split) reduces packs [split * per_split, +per_split) of channel c's N * Sv packs.
+template <typename scalar_t, int V>
+__global__ void moments_nchw_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t Sv, int64_t total,
                                     int64_t per_split, float* __restrict__ part) {
   const int64_t c = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-  const int64_t total = N * S;
   const int64_t begin = split * per_split, end = min(total, begin + per_split);
+  int64_t i = begin + threadIdx.x;
+  PlaneCursor cur(i, blockDim.x, Sv);
   Welford w;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const int64_t n = i / S, s = i - n * S;
-    w.push(static_cast<float>(x[(n * C + c) * S + s]));
+  while (i < end) {
+    Pack<scalar_t, V> p[kUnroll];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i < end) {
+        p[u] = load_pack<scalar_t, V>(x, (cur.n * C + c) * Sv + cur.s);
+        ++valid;
+        i += blockDim.x;
+        cur.advance();
+      }
+    }
+    push_packs<scalar_t, V>(w, p, valid);
   }
   w = block_reduce(w);
   if (threadIdx.x == 0) {
@@ -49,27 +161,81 @@ __global__ void partial_nchw_kernel(const scalar_t* __restrict__ x, int64_t N, i
   }
 }
 
-template <typename scalar_t>
-__global__ void partial_rows_kernel(const scalar_t* __restrict__ x, int64_t R, int64_t C, int64_t per_split,
+// Rows (channels_last, or one value per channel and sample): R rows of Cv packs. Block
+// (blockIdx.x, split) with blockDim (TX, TY), TY a power of two: lane x owns pack column
+// cv = blockIdx.x * TX + x (channels cv * V .. cv * V + V - 1) over rows [begin, end).
+template <typename scalar_t, int V>
+__global__ void moments_rows_kernel(const scalar_t* __restrict__ x, int64_t R, int64_t Cv, int64_t per_split,
                                     float* __restrict__ part) {
-  __shared__ float sn[kClRows][kClLanes], smean[kClRows][kClLanes], sm2[kClRows][kClLanes];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kClLanes + threadIdx.x;
+  __shared__ float sh_n[kThreads], sh_mean[kThreads * V], sh_m2[kThreads * V];
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * TX + threadIdx.x;
   const int64_t split = blockIdx.y, splits = gridDim.y;
   const int64_t begin = split * per_split, end = min(R, begin + per_split);
-  Welford w;
-  if (c < C) {
-    for (int64_t r = begin + threadIdx.y; r < end; r += kClRows) w.push(static_cast<float>(x[r * C + c]));
+  Welford w[V];
+  if (cv < Cv) {
+    for (int64_t r = begin + threadIdx.y; r < end; r += static_cast<int64_t>(kUnroll) * TY) {
+      Pack<scalar_t, V> p[kUnroll];
+      int valid = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t row = r + static_cast<int64_t>(u) * TY;
+        if (row < end) {
+          p[u] = load_pack<scalar_t, V>(x, row * Cv + cv);
+          ++valid;
+        }
+      }
+      const float cnt = static_cast<float>(valid);  // >= 1: row r itself is valid
+#pragma unroll
+      for (int j = 0; j < V; ++j) {  // moments of the group relative to its first value, as push_packs
+        const float pivot = static_cast<float>(p[0].v[j]);
+        float sum = 0.f;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) sum += u < valid ? static_cast<float>(p[u].v[j]) - pivot : 0.f;
+        const float md = sum / cnt;
+        float m2 = 0.f;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const float d = u < valid ? (static_cast<float>(p[u].v[j]) - pivot) - md : 0.f;
+          m2 += d * d;
+        }
+        w[j].merge(cnt, pivot + md, m2);
+      }
+    }
   }
-  sn[threadIdx.y][threadIdx.x] = w.n;
-  smean[threadIdx.y][threadIdx.x] = w.mean;
-  sm2[threadIdx.y][threadIdx.x] = w.m2;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int j = 1; j < kClRows; ++j) w.merge(sn[j][threadIdx.x], smean[j][threadIdx.x], sm2[j][threadIdx.x]);
-    float* out = part + 3 * (c * splits + split);
-    out[0] = w.n;
-    out[1] = w.mean;
-    out[2] = w.m2;
+  const int t = threadIdx.y * TX + threadIdx.x;
+  sh_n[t] = w[0].n;  // every channel of a lane saw the same rows
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sh_mean[t * V + j] = w[j].mean;
+    sh_m2[t * V + j] = w[j].m2;
+  }
+  for (int h = TY / 2; h > 0; h >>= 1) {
+    __syncthreads();
+    if (static_cast<int>(threadIdx.y) < h) {
+      const int o = (threadIdx.y + h) * TX + threadIdx.x;
+      const float na = sh_n[t], nb = sh_n[o];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        Welford a;
+        a.n = na;
+        a.mean = sh_mean[t * V + j];
+        a.m2 = sh_m2[t * V + j];
+        a.merge(nb, sh_mean[o * V + j], sh_m2[o * V + j]);
+        sh_mean[t * V + j] = a.mean;
+        sh_m2[t * V + j] = a.m2;
+      }
+      sh_n[t] = na + nb;
+    }
+  }
+  if (threadIdx.y == 0 && cv < Cv) {  // row 0 reads only its own tree entries: no barrier needed
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float* out = part + 3 * ((cv * V + j) * splits + split);
+      out[0] = sh_n[t];
+      out[1] = sh_mean[t * V + j];
+      out[2] = sh_m2[t * V + j];
+    }
   }
 }
 
@@ -101,14 +267,112 @@ __global__ void finalize_kernel(const float* __restrict__ part, int64_t C, int64
   }
 }
 
-template <typename scalar_t, bool kRows>
+// y = x * scale[c] + shift[c] over nvec packs; packs of one plane share a channel (NCHW), or
+// (kRows) pack column c covers channels c * V .. c * V + V - 1.
+template <typename scalar_t, int V, bool kRows>
 __global__ void apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                             const float* __restrict__ scale, const float* __restrict__ shift, int64_t numel,
-                             int64_t C, int64_t S) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = kRows ? i % C : (i / S) % C;
-    y[i] = static_cast<scalar_t>(static_cast<float>(x[i]) * scale[c] + shift[c]);
+                             const float* __restrict__ scale, const float* __restrict__ shift, int64_t nvec,
+                             int64_t Sv, int64_t Cdim) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChannelCursor cur(i, stride, Sv, Cdim);
+  while (i < nvec) {
+    Pack<scalar_t, V> in[kUnroll];
+    int64_t pos[kUnroll], ch[kUnroll];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i < nvec) {
+        in[u] = load_pack<scalar_t, V>(x, i);
+        pos[u] = i;
+        ch[u] = cur.c;
+        ++valid;
+        i += stride;
+        cur.advance();
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (u < valid) {
+        Pack<scalar_t, V> out;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const int64_t c = kRows ? ch[u] * V + j : ch[u];
+          out.v[j] = static_cast<scalar_t>(static_cast<float>(in[u].v[j]) * scale[c] + shift[c]);
+        }
+        store_pack<scalar_t, V>(y, pos[u], out);
+      }
+    }
+  }
+}
+
+// Launch geometry shared by the forward and backward passes.
+struct Plan {
+  bool rows;        // channels_last (or S == 1): channels are the innermost dimension
+  int64_t V;        // values per pack
+  int64_t Sv;       // NCHW: packs per plane
+  int64_t Cv;       // rows: packs per row
+  int64_t R;        // rows: N * S
+  int TX, TY;       // rows: block shape
+  int64_t channel_blocks, splits, per_split;
+  unsigned apply_blocks;
+};
+
+inline bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
+inline int sm_count(const at::Tensor& x) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
+  return std::max(sms, 1);
+}
+
+// `vec_ok`: every tensor the passes read or write is 16-byte aligned.
+inline Plan make_plan(const at::Tensor& x, bool rows, bool vec_ok) {
+  Plan p{};
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = x.numel() / (N * C);
+  const int64_t pack = kVecBytes / static_cast<int64_t>(x.element_size());
+  const int64_t inner = rows ? C : S;
+  p.rows = rows;
+  p.V = vec_ok && inner % pack == 0 ? pack : 1;
+  const int64_t sms = sm_count(x);
+  const int64_t target = kBlocksPerSm * sms;
+  int64_t units, min_per_split;
+  if (rows) {
+    p.R = N * S;
+    p.Cv = C / p.V;
+    int tx = 1;
+    while (tx < p.Cv && tx < 32) tx <<= 1;
+    p.TX = tx;
+    p.TY = kThreads / tx;
+    p.channel_blocks = (p.Cv + tx - 1) / tx;
+    units = p.R;
+    min_per_split = static_cast<int64_t>(p.TY) * kUnroll * 2;  // >= 2 iterations per lane before the tree
+  } else {
+    p.Sv = S / p.V;
+    p.channel_blocks = C;
+    units = N * p.Sv;
+    min_per_split = static_cast<int64_t>(kThreads) * kUnroll;
+  }
+  int64_t splits = (target + p.channel_blocks - 1) / p.channel_blocks;
+  splits = std::min<int64_t>({splits, (units + min_per_split - 1) / min_per_split, 65535});
+  p.splits = std::max<int64_t>(splits, 1);
+  p.per_split = (units + p.splits - 1) / p.splits;
+  const int64_t nvec = x.numel() / p.V;
+  p.apply_blocks = static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>((nvec + kThreads * kUnroll - 1) / (kThreads * kUnroll), target)));
+  TORCH_CHECK(p.channel_blocks <= 0x7fffffff, "bn_calibrate: too many channels");
+  return p;
+}
+
+// Calls f(std::integral_constant<int, V>) with the plan's pack width.
+template <typename scalar_t, typename F>
+void with_pack(const Plan& p, F&& f) {
+  constexpr int kPack = kVecBytes / static_cast<int>(sizeof(scalar_t));
+  if (p.V == kPack) {
+    f(std::integral_constant<int, kPack>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
   }
 }
 
@@ -120,16 +384,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in
   check_bn_args(x_in, src_mean, src_var, weight, bias);
   TORCH_CHECK(x_in.numel() > 0, "bn_calibrate: empty input");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t N = x_in.size(0), C = x_in.size(1);
-  const int64_t S = x_in.numel() / (N * C);
+  const int64_t C = x_in.size(1);
+  const int64_t S = x_in.numel() / (x_in.size(0) * C);
   const BnLayout layout = bn_layout(x_in);
-  const bool channels_last = layout.channels_last;
-  const bool rows = channels_last || S == 1;
+  const bool rows = layout.channels_last || S == 1;
   const at::Tensor& x = layout.x;
   at::Tensor y = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor batch_mean = at::empty({C}, f32), batch_var = at::empty({C}, f32);
-  at::Tensor scale = at::empty({C}, f32), shift = at::empty({C}, f32);
   if (update) {
     TORCH_CHECK(src_mean.is_contiguous() && src_var.is_contiguous(),
                 "bn_calibrate_update: running statistics must be contiguous");
@@ -138,53 +400,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in
   const at::Tensor w = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
+  const Plan plan = make_plan(x, rows, aligned(x.const_data_ptr()) && aligned(y.const_data_ptr()));
+  // One workspace: scale (C), shift (C), partial moments (C, splits, 3).
+  at::Tensor work = at::empty({C * (2 + 3 * plan.splits)}, f32);
+  float* scale = work.mutable_data_ptr<float>();
+  float* shift = scale + C;
+  float* part = shift + C;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
-  const int64_t per_channel = N * S;
-  // Enough blocks to fill the GPU ~4x over, each with at least ~16 values per thread.
-  const int64_t target_blocks = 4 * static_cast<int64_t>(sms);
-  const int64_t channel_blocks = rows ? (C + kClLanes - 1) / kClLanes : C;
-  const int64_t min_per_split = rows ? kClRows * 16 : kThreads * 16;
-  int64_t splits = std::max<int64_t>(1, (target_blocks + channel_blocks - 1) / channel_blocks);
-  splits = std::min<int64_t>({splits, (per_channel + min_per_split - 1) / min_per_split, 65535});
-  splits = std::max<int64_t>(splits, 1);
-  const int64_t per_split = (per_channel + splits - 1) / splits;
-  at::Tensor part = at::empty({C, splits, 3}, f32);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_calibrate_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    if (rows) {
-      const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
-      partial_rows_kernel<scalar_t><<<grid, dim3(kClLanes, kClRows), 0, stream>>>(
-          xp, per_channel, C, per_split, part.mutable_data_ptr<float>());
-    } else {
-      const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
-      partial_nchw_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(xp, N, C, S, per_split,
-                                                                     part.mutable_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_kernel<<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        part.const_data_ptr<float>(), C, splits, mean_c.const_data_ptr<float>(), var_c.const_data_ptr<float>(),
-        w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
-        update ? mean_c.mutable_data_ptr<float>() : nullptr, update ? var_c.mutable_data_ptr<float>() : nullptr,
-        static_cast<float>(a), static_cast<float>(momentum), static_cast<float>(eps),
-        scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>(), batch_mean.mutable_data_ptr<float>(),
-        batch_var.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t numel = x.numel();
-    const unsigned blocks = static_cast<unsigned>(
-        std::min<int64_t>((numel + kThreads - 1) / kThreads, 32 * static_cast<int64_t>(sms)));
-    if (rows) {
-      apply_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          xp, y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), numel,
-          C, S);
-    } else {
-      apply_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          xp, y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), numel,
-          C, S);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    with_pack<scalar_t>(plan, [&](auto pack) {
+      constexpr int V = decltype(pack)::value;
+      const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(plan.splits));
+      if (plan.rows) {
+        moments_rows_kernel<scalar_t, V><<<grid, dim3(plan.TX, plan.TY), 0, stream>>>(xp, plan.R, plan.Cv,
+                                                                                     plan.per_split, part);
+      } else {
+        moments_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, C, plan.Sv, x.size(0) * plan.Sv,
+                                                                         plan.per_split, part);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize_kernel<<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          part, C, plan.splits, mean_c.const_data_ptr<float>(), var_c.const_data_ptr<float>(),
+          w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
+          update ? mean_c.mutable_data_ptr<float>() : nullptr, update ? var_c.mutable_data_ptr<float>() : nullptr,
+          static_cast<float>(a), static_cast<float>(momentum), static_cast<float>(eps), scale, shift,
+          batch_mean.mutable_data_ptr<float>(), batch_var.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t nvec = x.numel() / V;
+      if (plan.rows) {
+        apply_kernel<scalar_t, V, true><<<plan.apply_blocks, kThreads, 0, stream>>>(xp, yp, scale, shift, nvec, 1,
+                                                                                   plan.Cv);
+      } else {
+        apply_kernel<scalar_t, V, false><<<plan.apply_blocks, kThreads, 0, stream>>>(xp, yp, scale, shift, nvec,
+                                                                                    plan.Sv, C);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {y, batch_mean, batch_var};
 }
@@ -205,25 +459,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_update_cuda(
 
 
 // ---------------------------------------------------------------- backward
-// Per (channel, split): sum of g and of g * (x - m), m the mixed mean.
-template <typename scalar_t>
-__global__ void backward_partial_nchw_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
-                                             int64_t N, int64_t C, int64_t S, int64_t per_split,
-                                             const float* __restrict__ src_mean,
-                                             const float* __restrict__ batch_mean, float a,
-                                             float* __restrict__ part) {
+// Per (channel, split): sum of g and of g * (x - m), m the mixed mean. Same slicing as the moments.
+template <typename scalar_t, int V>
+__global__ void grad_sums_nchw_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t C,
+                                      int64_t Sv, int64_t total, int64_t per_split,
+                                      const float* __restrict__ src_mean, const float* __restrict__ batch_mean,
+                                      float a, float* __restrict__ part) {
   __shared__ float scratch[32];
   const int64_t c = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const float center = a * src_mean[c] + (1.f - a) * batch_mean[c];
-  const int64_t total = N * S;
   const int64_t begin = split * per_split, end = min(total, begin + per_split);
+  int64_t i = begin + threadIdx.x;
+  PlaneCursor cur(i, blockDim.x, Sv);
   float sg = 0.f, sgx = 0.f;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const int64_t n = i / S, s = i - n * S;
-    const int64_t idx = (n * C + c) * S + s;
-    const float g = static_cast<float>(gy[idx]);
-    sg += g;
-    sgx += g * (static_cast<float>(x[idx]) - center);
+  while (i < end) {
+    Pack<scalar_t, V> g[kUnroll], v[kUnroll];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i < end) {
+        const int64_t pos = (cur.n * C + c) * Sv + cur.s;
+        g[u] = load_pack<scalar_t, V>(gy, pos);
+        v[u] = load_pack<scalar_t, V>(x, pos);
+        ++valid;
+        i += blockDim.x;
+        cur.advance();
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (u < valid) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float gj = static_cast<float>(g[u].v[j]);
+          sg += gj;
+          sgx += gj * (static_cast<float>(v[u].v[j]) - center);
+        }
+      }
+    }
   }
   sg = block_all_reduce<false>(sg, scratch);
   sgx = block_all_reduce<false>(sgx, scratch);
@@ -233,35 +506,72 @@ __global__ void backward_partial_nchw_kernel(const scalar_t* __restrict__ gy, co
   }
 }
 
-template <typename scalar_t>
-__global__ void backward_partial_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
-                                             int64_t R, int64_t C, int64_t per_split,
-                                             const float* __restrict__ src_mean,
-                                             const float* __restrict__ batch_mean, float a,
-                                             float* __restrict__ part) {
-  __shared__ float s_g[kClRows][kClLanes], s_gx[kClRows][kClLanes];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kClLanes + threadIdx.x;
+template <typename scalar_t, int V>
+__global__ void grad_sums_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t R,
+                                      int64_t Cv, int64_t per_split, const float* __restrict__ src_mean,
+                                      const float* __restrict__ batch_mean, float a, float* __restrict__ part) {
+  __shared__ float sh_g[kThreads * V], sh_gx[kThreads * V];
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * TX + threadIdx.x;
   const int64_t split = blockIdx.y, splits = gridDim.y;
   const int64_t begin = split * per_split, end = min(R, begin + per_split);
-  float sg = 0.f, sgx = 0.f;
-  if (c < C) {
-    const float center = a * src_mean[c] + (1.f - a) * batch_mean[c];
-    for (int64_t r = begin + threadIdx.y; r < end; r += kClRows) {
-      const float g = static_cast<float>(gy[r * C + c]);
-      sg += g;
-      sgx += g * (static_cast<float>(x[r * C + c]) - center);
+  float sg[V], sgx[V], center[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sg[j] = 0.f;
+    sgx[j] = 0.f;
+    center[j] = cv < Cv ? a * src_mean[cv * V + j] + (1.f - a) * batch_mean[cv * V + j] : 0.f;
+  }
+  if (cv < Cv) {
+    for (int64_t r = begin + threadIdx.y; r < end; r += static_cast<int64_t>(kUnroll) * TY) {
+      Pack<scalar_t, V> g[kUnroll], v[kUnroll];
+      int valid = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t row = r + static_cast<int64_t>(u) * TY;
+        if (row < end) {
+          g[u] = load_pack<scalar_t, V>(gy, row * Cv + cv);
+          v[u] = load_pack<scalar_t, V>(x, row * Cv + cv);
+          ++valid;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (u < valid) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const float gj = static_cast<float>(g[u].v[j]);
+            sg[j] += gj;
+            sgx[j] += gj * (static_cast<float>(v[u].v[j]) - center[j]);
+          }
+        }
+      }
     }
   }
-  s_g[threadIdx.y][threadIdx.x] = sg;
-  s_gx[threadIdx.y][threadIdx.x] = sgx;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int j = 1; j < kClRows; ++j) {
-      sg += s_g[j][threadIdx.x];
-      sgx += s_gx[j][threadIdx.x];
+  const int t = threadIdx.y * TX + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sh_g[t * V + j] = sg[j];
+    sh_gx[t * V + j] = sgx[j];
+  }
+  for (int h = TY / 2; h > 0; h >>= 1) {
+    __syncthreads();
+    if (static_cast<int>(threadIdx.y) < h) {
+      const int o = (threadIdx.y + h) * TX + threadIdx.x;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        sh_g[t * V + j] += sh_g[o * V + j];
+        sh_gx[t * V + j] += sh_gx[o * V + j];
+      }
     }
-    part[2 * (c * splits + split)] = sg;
-    part[2 * (c * splits + split) + 1] = sgx;
+  }
+  if (threadIdx.y == 0 && cv < Cv) {  // row 0 reads only its own tree entries
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t c = cv * V + j;
+      part[2 * (c * splits + split)] = sh_g[t * V + j];
+      part[2 * (c * splits + split) + 1] = sh_gx[t * V + j];
+    }
   }
 }
 
@@ -290,15 +600,42 @@ __global__ void backward_finalize_kernel(const float* __restrict__ part, int64_t
   coef[3 * c + 2] = (1.f - a) / n * d_mean - b * batch_mean[c];
 }
 
-template <typename scalar_t, bool kRows>
+template <typename scalar_t, int V, bool kRows>
 __global__ void backward_apply_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
-                                      scalar_t* __restrict__ dx, const float* __restrict__ coef, int64_t numel,
-                                      int64_t C, int64_t S) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = kRows ? i % C : (i / S) % C;
-    const float* k = coef + 3 * c;
-    dx[i] = static_cast<scalar_t>(k[0] * static_cast<float>(gy[i]) + k[1] * static_cast<float>(x[i]) + k[2]);
+                                      scalar_t* __restrict__ dx, const float* __restrict__ coef, int64_t nvec,
+                                      int64_t Sv, int64_t Cdim) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChannelCursor cur(i, stride, Sv, Cdim);
+  while (i < nvec) {
+    Pack<scalar_t, V> g[kUnroll], v[kUnroll];
+    int64_t pos[kUnroll], ch[kUnroll];
+    int valid = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i < nvec) {
+        g[u] = load_pack<scalar_t, V>(gy, i);
+        v[u] = load_pack<scalar_t, V>(x, i);
+        pos[u] = i;
+        ch[u] = cur.c;
+        ++valid;
+        i += stride;
+        cur.advance();
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (u < valid) {
+        Pack<scalar_t, V> out;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float* k = coef + 3 * (kRows ? ch[u] * V + j : ch[u]);
+          out.v[j] = static_cast<scalar_t>(k[0] * static_cast<float>(g[u].v[j]) +
+                                           k[1] * static_cast<float>(v[u].v[j]) + k[2]);
+        }
+        store_pack<scalar_t, V>(dx, pos[u], out);
+      }
+    }
   }
 }
 
@@ -314,62 +651,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_backward_cuda(
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const int64_t S = x_in.numel() / (N * C);
+  TORCH_CHECK(batch_mean.numel() == C && batch_var.numel() == C,
+              "bn_calibrate_backward: batch statistics must have C=", C, " values");
   const BnLayout layout = bn_layout(x_in);
-  const bool channels_last = layout.channels_last;
-  const bool rows = channels_last || S == 1;
+  const bool rows = layout.channels_last || S == 1;
   const at::Tensor& x = layout.x;
   const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(layout.format);
   at::Tensor dx = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor grad_weight = at::empty({C}, f32), grad_bias = at::empty({C}, f32), coef = at::empty({C, 3}, f32);
+  at::Tensor grad_weight = at::empty({C}, f32), grad_bias = at::empty({C}, f32);
   const at::Tensor sm = src_mean.contiguous(), sv = src_var.contiguous();
   const at::Tensor bm = batch_mean.contiguous(), bv = batch_var.contiguous();
   const at::Tensor w = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::Tensor();
 
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
-  const int64_t per_channel = N * S;
-  const int64_t channel_blocks = rows ? (C + kClLanes - 1) / kClLanes : C;
-  const int64_t min_per_split = rows ? kClRows * 16 : kThreads * 16;
-  int64_t splits = std::max<int64_t>(1, (4 * static_cast<int64_t>(sms) + channel_blocks - 1) / channel_blocks);
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, (per_channel + min_per_split - 1) / min_per_split, 65535}));
-  const int64_t per_split = (per_channel + splits - 1) / splits;
-  at::Tensor part = at::empty({C, splits, 2}, f32);
+  const Plan plan = make_plan(
+      x, rows, aligned(x.const_data_ptr()) && aligned(gy.const_data_ptr()) && aligned(dx.const_data_ptr()));
+  // One workspace: coefficients (C, 3), partial sums (C, splits, 2).
+  at::Tensor work = at::empty({C * (3 + 2 * plan.splits)}, f32);
+  float* coef = work.mutable_data_ptr<float>();
+  float* part = coef + 3 * C;
   const float a = static_cast<float>(source_weight);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_calibrate_backward_cuda", [&] {
     const scalar_t* gp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    if (rows) {
-      const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(splits));
-      backward_partial_rows_kernel<scalar_t><<<grid, dim3(kClLanes, kClRows), 0, stream>>>(
-          gp, xp, per_channel, C, per_split, sm.const_data_ptr<float>(), bm.const_data_ptr<float>(), a,
-          part.mutable_data_ptr<float>());
-    } else {
-      const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
-      backward_partial_nchw_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          gp, xp, N, C, S, per_split, sm.const_data_ptr<float>(), bm.const_data_ptr<float>(), a,
-          part.mutable_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_finalize_kernel<<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        part.const_data_ptr<float>(), C, splits, sv.const_data_ptr<float>(),
-        w.defined() ? w.const_data_ptr<float>() : nullptr, bm.const_data_ptr<float>(), bv.const_data_ptr<float>(), a,
-        static_cast<float>(eps), static_cast<float>(per_channel), coef.mutable_data_ptr<float>(),
-        grad_weight.mutable_data_ptr<float>(), grad_bias.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t numel = x.numel();
-    const unsigned blocks = static_cast<unsigned>(
-        std::min<int64_t>((numel + kThreads - 1) / kThreads, 32 * static_cast<int64_t>(sms)));
-    if (rows) {
-      backward_apply_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          gp, xp, dx.mutable_data_ptr<scalar_t>(), coef.const_data_ptr<float>(), numel, C, S);
-    } else {
-      backward_apply_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          gp, xp, dx.mutable_data_ptr<scalar_t>(), coef.const_data_ptr<float>(), numel, C, S);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+    with_pack<scalar_t>(plan, [&](auto pack) {
+      constexpr int V = decltype(pack)::value;
+      const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(plan.splits));
+      if (plan.rows) {
+        grad_sums_rows_kernel<scalar_t, V><<<grid, dim3(plan.TX, plan.TY), 0, stream>>>(
+            gp, xp, plan.R, plan.Cv, plan.per_split, sm.const_data_ptr<float>(), bm.const_data_ptr<float>(), a,
+            part);
+      } else {
+        grad_sums_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
+            gp, xp, C, plan.Sv, N * plan.Sv, plan.per_split, sm.const_data_ptr<float>(), bm.const_data_ptr<float>(),
+            a, part);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_finalize_kernel<<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          part, C, plan.splits, sv.const_data_ptr<float>(), w.defined() ? w.const_data_ptr<float>() : nullptr,
+          bm.const_data_ptr<float>(), bv.const_data_ptr<float>(), a, static_cast<float>(eps),
+          static_cast<float>(N * S), coef, grad_weight.mutable_data_ptr<float>(),
+          grad_bias.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t nvec = x.numel() / V;
+      if (plan.rows) {
+        backward_apply_kernel<scalar_t, V, true><<<plan.apply_blocks, kThreads, 0, stream>>>(gp, xp, dp, coef, nvec,
+                                                                                            1, plan.Cv);
+      } else {
+        backward_apply_kernel<scalar_t, V, false><<<plan.apply_blocks, kThreads, 0, stream>>>(gp, xp, dp, coef,
+                                                                                             nvec, plan.Sv, C);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {dx, grad_weight, grad_bias};
 }

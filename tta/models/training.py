@@ -272,7 +272,7 @@ def train_source(cfg: TrainConfig, progress: bool = True) -> ModelCard:
         print(" ".join(f"{k}={v}" for k, v in record.items()), flush=True)
     train_time = time.perf_counter() - start
 
-    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()  # still on the training device
     knn_report: dict[str, Any] = {}
     if knn:
         train_feats = _features(model, train_x)
@@ -282,6 +282,7 @@ def train_source(cfg: TrainConfig, progress: bool = True) -> ModelCard:
             net.fc.bias.copy_(bias)
         knn_report = {"probe_train_loss": round(probe_loss, 4), "train_feats": train_feats}
     threshold = cotta_threshold(model, train_x)
+    model.cpu()
     ckpt = out.with_name(f"{name}.safetensors")
     sha = save_state_dict(net.state_dict(), ckpt, metadata={"arch": cfg.arch, "card": name})
     card = ModelCard(

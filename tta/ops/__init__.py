@@ -48,6 +48,13 @@ _KERNEL_DEVICES: frozenset[str] = frozenset(
 )
 
 
+_BN_CALIBRATE = torch.ops.tta.bn_calibrate.default if _LOADED else None
+
+
+def _as_f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def backend() -> str:
     """The active op backend: ``"cpp+cuda"``, ``"cpp"`` (compiled CPU kernels) or ``"torch"``.
 
@@ -93,8 +100,9 @@ def bn_calibrate(
     """
     _check_bn(x, running_mean, running_var)
     if has_kernel(x):
-        y, _, _ = torch.ops.tta.bn_calibrate(
-            x, running_mean.float(), running_var.float(), weight, bias, float(source_weight), float(eps)
+        # the resolved overload and no-op dtype casts skipped: this runs once per BN layer and step
+        y, _, _ = _BN_CALIBRATE(
+            x, _as_f32(running_mean), _as_f32(running_var), weight, bias, float(source_weight), float(eps)
         )
         return y
     return reference.bn_calibrate(x, running_mean, running_var, weight, bias, source_weight, eps)
