@@ -69,7 +69,7 @@ def test_wheel_ships_cards_specs_and_metadata(installed):
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("tta/_data/models/resnet20-fmnist.yaml", "tta/_data/models/resnet20-fmnist.safetensors",
                  "tta/_data/models/resnet20-fmnist.memory.safetensors", "tta/_data/streams/fmnist-c-continual.yaml",
-                 "tta/py.typed", "tta/_build.json"):
+                 "tta/_data/streams/fmnist-ccc.calibration.json", "tta/py.typed", "tta/_build.json"):
         assert name in names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Name: tta-runtime" in meta and "License-Expression: MIT" in meta
