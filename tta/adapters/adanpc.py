@@ -96,6 +96,7 @@ from tta.adapters.config import AdapterConfig
 from tta.adapters.registry import register_adapter
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError, NoAdaptableLayerError, StateMismatchError
 from tta.layers import has_batchnorm, replace_batchnorms, source_statistics
+from tta.models.artifacts import read_artifact, write_artifact
 
 MEMORY_FORMAT = "tta-adanpc-memory/1"
 MEMORY_SUFFIX = ".memory.safetensors"
@@ -390,36 +391,20 @@ def memory_path_for_card(card: str) -> Path:
 
 def save_memory(path: str | os.PathLike[str], features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                 metadata: dict[str, str] | None = None) -> Path:
-    """Write a source memory (normalised rows, labels) as safetensors with its metadata."""
-    from safetensors.torch import save_file
-
+    """Write a source memory (normalised rows, labels) as safetensors with its metadata, atomically."""
     validate_memory(features, labels, num_classes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": MEMORY_FORMAT, "num_classes": str(num_classes), "feature_dim": str(features.shape[1]),
-            "normalized": "l2", **(metadata or {})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"features": F.normalize(features.float(), dim=1).to(features.dtype).contiguous(),
-               "labels": labels.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    meta = {"num_classes": num_classes, "feature_dim": features.shape[1], "normalized": "l2", **(metadata or {})}
+    return write_artifact(path, {"features": F.normalize(features.float(), dim=1).to(features.dtype),
+                                 "labels": labels}, MEMORY_FORMAT, meta)
 
 
 def load_memory(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, str]]:
     """(features, labels, num_classes, metadata) of a memory file, validated."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"no AdaNPC memory file at {path}; build one with `tta build-memory --model CARD`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            features, labels = f.get_tensor("features"), f.get_tensor("labels")
-    except Exception as exc:  # not safetensors, truncated, missing keys
-        raise DataNotFoundError(f"{path} is not a readable AdaNPC memory file: {exc}") from exc
-    if meta.get("format") != MEMORY_FORMAT:
-        raise DataNotFoundError(f"{path}: not an AdaNPC memory file (format {meta.get('format')!r})")
+    tensors, meta = read_artifact(path, MEMORY_FORMAT, "AdaNPC memory", "tta build-memory --model CARD")
+    if set(tensors) != {"features", "labels"} or not meta.get("num_classes", "").isdigit():
+        raise DataNotFoundError(f"{path}: an AdaNPC memory file holds 'features' and 'labels' and its num_classes, "
+                                f"got {sorted(tensors)}, num_classes {meta.get('num_classes')!r}")
+    features, labels = tensors["features"], tensors["labels"]
     num_classes = int(meta["num_classes"])
     validate_memory(features, labels, num_classes)
     return features, labels, num_classes, meta

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.adapters.config import OptimConfig
-from tta.adapters.entropy import NormAffineAdapter, check_probability_state, entropy_margin, softmax_entropy
+from tta.adapters.entropy import NormAffineAdapter, entropy_margin, softmax_entropy
 from tta.adapters.registry import register_adapter
-from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
+from tta.errors import ConfigError, InvalidInputError
+from tta.models.artifacts import read_artifact, write_artifact
 
 FISHER_FORMAT = "tta-eata-fisher/1"
 FISHER_SUFFIX = ".fisher.safetensors"
@@ -113,6 +114,7 @@ class ETA(NormAffineAdapter[EtaConfig]):
     """Entropy minimisation on reliable, non-redundant samples, re-weighted by their entropy."""
 
     Config = EtaConfig
+    probability_states = ("model_probs",)
 
     def __init__(self, model: nn.Module, config: EtaConfig | None = None) -> None:
         #: moving average of the selected samples' probabilities (None until the first selection)
@@ -151,31 +153,6 @@ class ETA(NormAffineAdapter[EtaConfig]):
             m = cfg.probs_momentum
             self.model_probs = batch_mean if self.model_probs is None else m * self.model_probs + (1 - m) * batch_mean
         return outputs.detach()
-
-    def reset(self) -> None:
-        super().reset()
-        self.model_probs = None
-
-    def _after_move(self) -> None:
-        super()._after_move()
-        if self.model_probs is not None:
-            p = self.norm_params[0]
-            self.model_probs = self.model_probs.to(device=p.device, dtype=p.dtype)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state["model_probs"] = None if self.model_probs is None else self.model_probs.clone()
-        return state
-
-    def check_extra_state(self, extra: Mapping[str, Any], where: str) -> None:
-        super().check_extra_state(extra, where)
-        check_probability_state(where, "model_probs", extra.get("model_probs"))
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        probs = state.get("model_probs")
-        p = self.norm_params[0]
-        self.model_probs = None if probs is None else probs.to(device=p.device, dtype=p.dtype)
 
 
 @register_adapter("eata")
@@ -298,36 +275,13 @@ def compute_fisher(model: nn.Module, images: torch.Tensor, batch_size: int = 200
 def save_fisher(path: str | os.PathLike[str], fisher: Mapping[str, torch.Tensor],
                 metadata: Mapping[str, str] | None = None) -> Path:
     """Write a Fisher file (safetensors, one tensor per parameter name) atomically."""
-    from safetensors.torch import save_file
-
-    from tta.fileio import default_file_mode
-
     validate_fisher(fisher)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp),
-              metadata={"format": FISHER_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}})
-    os.chmod(tmp, default_file_mode())  # safetensors writes 0600; a card artefact is as readable as the card
-    os.replace(tmp, path)
-    return path
+    return write_artifact(path, fisher, FISHER_FORMAT, metadata)
 
 
 def load_fisher(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(Fisher tensors by parameter name, metadata) of a Fisher file, validated."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"no EATA Fisher file at {path}; build one with `tta build-fisher --model CARD`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            fisher = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # not safetensors, truncated
-        raise DataNotFoundError(f"{path} is not a readable EATA Fisher file: {exc}") from exc
-    if meta.get("format") != FISHER_FORMAT:
-        raise DataNotFoundError(f"{path}: not an EATA Fisher file (format {meta.get('format')!r})")
+    fisher, meta = read_artifact(path, FISHER_FORMAT, "EATA Fisher", "tta build-fisher --model CARD")
     validate_fisher(fisher)
     return fisher, meta
 

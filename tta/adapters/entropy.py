@@ -10,8 +10,8 @@ stochastic depth), as the reference implementations do. `NormAffineAdapter` is t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -78,6 +78,10 @@ class NormAffineAdapter(Adapter[C]):
     """
 
     uses_batch_stats = True
+    #: attributes holding a running probability vector, None until first set (EATA's moving average
+    #: of the selected probabilities, ROID's class prior): cleared by `reset`, moved with the model,
+    #: saved in and restored from the state header (checked by `check_probability_state` first)
+    probability_states: ClassVar[tuple[str, ...]] = ()
 
     def excluded_modules(self) -> tuple[str, ...]:
         return ()
@@ -112,9 +116,37 @@ class NormAffineAdapter(Adapter[C]):
             self.__dict__["_source_norm_params"] = cached
         return cached
 
+    def _as_param_tensor(self, value: torch.Tensor | None) -> torch.Tensor | None:
+        p = self.norm_params[0]
+        return None if value is None else value.to(device=p.device, dtype=p.dtype)
+
     def _after_move(self) -> None:
         super()._after_move()
         self.__dict__.pop("_source_norm_params", None)
+        for key in self.probability_states:
+            setattr(self, key, self._as_param_tensor(getattr(self, key)))
+
+    def reset(self) -> None:
+        super().reset()
+        for key in self.probability_states:
+            setattr(self, key, None)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        state = super().get_extra_state()
+        for key in self.probability_states:
+            value = getattr(self, key)
+            state[key] = None if value is None else value.clone()
+        return state
+
+    def check_extra_state(self, extra: Mapping[str, Any], where: str) -> None:
+        super().check_extra_state(extra, where)
+        for key in self.probability_states:
+            check_probability_state(where, key, extra.get(key))
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        for key in self.probability_states:
+            setattr(self, key, self._as_param_tensor(state.get(key)))
 
     def outputs_are_finite(self, outputs: torch.Tensor) -> bool:
         """False (and counted as a skipped step) when the logits hold NaN/Inf: no update then."""

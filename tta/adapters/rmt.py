@@ -70,6 +70,7 @@ from tta.adapters.teacher import (
 )
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError, NoAdaptableLayerError
 from tta.layers import calibrated_layers, replace_batchnorms
+from tta.models.artifacts import read_artifact, write_artifact
 from tta.models.features import AUTO_LAYERS, classifier_name, features_and_logits
 from tta.models.normalize import Normalized
 
@@ -242,36 +243,15 @@ def validate_prototypes(prototypes: torch.Tensor) -> None:
 def save_prototypes(path: str | os.PathLike[str], prototypes: torch.Tensor,
                     metadata: dict[str, str] | None = None) -> Path:
     """Write a prototypes file (safetensors: ``prototypes`` (K, D), with metadata) atomically."""
-    from safetensors.torch import save_file
-
-    from tta.fileio import default_file_mode
-
     validate_prototypes(prototypes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"prototypes": prototypes.detach().float().cpu().contiguous()}, str(tmp),
-              metadata={"format": PROTOTYPES_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}})
-    os.chmod(tmp, default_file_mode())  # safetensors writes 0600; a card artefact is as readable as the card
-    os.replace(tmp, path)
-    return path
+    return write_artifact(path, {"prototypes": prototypes.float()}, PROTOTYPES_FORMAT, metadata)
 
 
 def load_prototypes(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, str]]:
     """(prototypes (K, D), metadata) of a prototypes file, validated."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"no RMT prototypes file at {path}; build one with `tta build-prototypes --model CARD`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # not safetensors, truncated
-        raise DataNotFoundError(f"{path} is not a readable RMT prototypes file: {exc}") from exc
-    if meta.get("format") != PROTOTYPES_FORMAT or set(tensors) != {"prototypes"}:
-        raise DataNotFoundError(f"{path}: not an RMT prototypes file (format {meta.get('format')!r})")
+    tensors, meta = read_artifact(path, PROTOTYPES_FORMAT, "RMT prototypes", "tta build-prototypes --model CARD")
+    if set(tensors) != {"prototypes"}:
+        raise DataNotFoundError(f"{path}: an RMT prototypes file holds one tensor 'prototypes', got {sorted(tensors)}")
     validate_prototypes(tensors["prototypes"])
     return tensors["prototypes"], meta
 

@@ -47,7 +47,6 @@ Choices and deviations:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.adapters.config import OptimConfig
-from tta.adapters.entropy import NormAffineAdapter, check_probability_state, softmax_entropy
+from tta.adapters.entropy import NormAffineAdapter, softmax_entropy
 from tta.adapters.registry import register_adapter
 from tta.adapters.teacher import ema_update_
 from tta.augment import ReflectAugment
@@ -127,10 +126,14 @@ def prior_correction(logits: torch.Tensor, on: str = "logits") -> torch.Tensor:
 
 @register_adapter("roid")
 class ROID(NormAffineAdapter[RoidConfig]):
-    """Weighted soft-likelihood-ratio self-training with consistency, weight ensembling towards the
-    source and prior correction (see the module docstring)."""
+    """ROID (Marsden et al., WACV 2024); see the module docstring.
+
+    Weighted soft-likelihood-ratio self-training, consistency on a second view, weight ensembling
+    towards the source and prior correction of the returned prediction (steps 1-5 of the module
+    docstring)."""
 
     Config = RoidConfig
+    probability_states = ("class_probs",)
 
     def __init__(self, model: nn.Module, config: RoidConfig | None = None) -> None:
         #: moving average of the batch-mean probabilities (uniform at the first batch)
@@ -172,31 +175,6 @@ class ROID(NormAffineAdapter[RoidConfig]):
         if cfg.use_prior_correction:
             prediction = prior_correction(prediction, cfg.prior_on)
         return prediction
-
-    def reset(self) -> None:
-        super().reset()
-        self.class_probs = None
-
-    def _after_move(self) -> None:
-        super()._after_move()
-        if self.class_probs is not None:
-            p = self.norm_params[0]
-            self.class_probs = self.class_probs.to(device=p.device, dtype=p.dtype)
-
-    def check_extra_state(self, extra: Mapping[str, Any], where: str) -> None:
-        super().check_extra_state(extra, where)
-        check_probability_state(where, "class_probs", extra.get("class_probs"))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state["class_probs"] = None if self.class_probs is None else self.class_probs.clone()
-        return state
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        probs = state.get("class_probs")
-        p = self.norm_params[0]
-        self.class_probs = None if probs is None else probs.to(device=p.device, dtype=p.dtype)
 
 
 __all__ = ["ROID", "RoidConfig", "prior_correction", "soft_likelihood_ratio", "symmetric_cross_entropy"]
