@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from tta.errors import ConfigError, DataNotFoundError
+from tta.fileio import write_text_atomic
 from tta.streams.corruptions import CORRUPTIONS, STANDARD_ORDER, corrupt
 from tta.streams.generated import BatchPlan
 from tta.streams.names import DIFFICULTIES  # noqa: F401 - re-exported
@@ -107,10 +108,7 @@ class CCCCalibration:
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "CCCCalibration":
