@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import tta
-from tta.adapters.state import read_state, remove_stale_temporaries, save_state, seal
+from tta.adapters.state import read_state, save_state, seal
+from tta.fileio import remove_stale_temporaries
 from tta.engine import StreamPool
 from tta.errors import InvalidInputError, StateMismatchError
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,10 +30,10 @@ from typing import Any
 import torch
 
 from tta.errors import StateMismatchError
+from tta.fileio import write_durable
 
 FORMAT = "tta-adapter-state/2"
 DIGEST_KEY = "digest"
-_TMP_SUFFIX = ".tmp"
 
 
 # ---------------------------------------------------------------------- digest
@@ -94,65 +92,9 @@ def _feed(h: Any, obj: Any) -> None:
 
 # ---------------------------------------------------------------------- files
 def save_state(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """`torch.save` to a temporary file in the same folder, fsync, atomic rename, fsync the folder.
-
-    Stale temporaries of the same target left by killed writers are removed first; the target itself
-    is only ever replaced whole.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove ``.<name>.<pid>.<token>.tmp`` files of `path` whose writing process is gone."""
-    if os.name != "posix" or not path.parent.is_dir():
-        return []
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+{re.escape(_TMP_SUFFIX)}$")
-    removed = []
-    for entry in path.parent.iterdir():
-        m = pattern.match(entry.name)
-        if m and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
-            try:
-                entry.unlink()
-                removed.append(entry)
-            except FileNotFoundError:
-                pass
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """`torch.save` through `tta.fileio.write_durable`: temporary file, fsync, atomic rename, fsync of
+    the folder; stale temporaries of killed writers are removed, the target is only ever replaced whole."""
+    return write_durable(path, lambda f: torch.save(dict(state), f))
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:

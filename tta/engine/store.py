@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from pathlib import Path
 
 from tta.errors import ConfigError
+from tta.fileio import write_durable
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -61,8 +61,9 @@ def _check_key(key: str) -> str:
 
 
 class FolderStateStore(StateStore):
-    """One file ``<key>.state`` per key in `root` (created when missing); writes go to a temporary file
-    in the same folder, are fsynced and renamed over the old file, so a crash keeps the old state."""
+    """One file ``<key>.state`` per key in `root` (created when missing), written by
+    `tta.fileio.write_durable` as `Adapter.save` writes a state: a crash keeps the old state, and the
+    file gets the umask's mode like any saved state."""
 
     SUFFIX = ".state"
 
@@ -76,18 +77,7 @@ class FolderStateStore(StateStore):
         return self.root / f"{_check_key(key)}{self.SUFFIX}"
 
     def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_durable(self._path(key), data)
 
     def read(self, key: str) -> bytes | None:
         path = self._path(key)
