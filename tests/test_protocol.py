@@ -314,7 +314,7 @@ def test_presets_are_found_in_search_order_and_never_written_into_the_package(to
     presets.save_entry(presets.output_path("tuned"), CARD, "eta", {"values": {"lr": 3e-4}})
     assert presets.find_tuned("tuned", CARD, "tent").values == {"lr": 2e-4}  # $TTA_PRESETS_DIR first
     assert presets.find_tuned("tuned", CARD, "eta").values == {"lr": 3e-4}  # the user folder adds its entries
-    assert presets.find_tuned("tuned", CARD, "cotta") is None
+    assert presets.find_tuned("tuned", CARD, "vida") is None
     assert presets.find_tuned(str(mine / "tuned.yaml"), CARD, "tent").values == {"lr": 2e-4}  # a path
     with pytest.raises(ConfigError, match="installed package"):
         presets.output_path(str(Path(paths.__file__).parent / "_data" / "presets" / "x.yaml"))
@@ -325,6 +325,7 @@ def test_shipped_tuned_preset_fits_the_shipped_card_and_came_from_validation():
     """presets/tuned.yaml: every entry was chosen on a validation stream, for the card's current checkpoint
     (a retrained card must be retuned), with typed values its adapter's config accepts."""
     from tta.adapters import get_adapter_class
+    from tta.adapters.teacher import card_defaults as teacher_card_defaults
     from tta.models import get_card
 
     path = Path(__file__).resolve().parents[1] / "presets" / "tuned.yaml"
@@ -337,4 +338,6 @@ def test_shipped_tuned_preset_fits_the_shipped_card_and_came_from_validation():
             assert entry["validation"]["stream"] == "fmnist-c-val"
             base, values, _ = presets.resolve(str(path), card, adapter, required=True)
             assert base == "cifar10" and values == entry["values"]
-            get_adapter_class(adapter).Config.build(base, **values)
+            config_class = get_adapter_class(adapter).Config
+            # ``key=card`` values (CoTTA's ap=card) resolve against the card, as `tta run`/`bench` do
+            config_class.build(base, **teacher_card_defaults(config_class, dict(values), card_name))
