@@ -47,16 +47,10 @@ def default_file_mode() -> int:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to ``<path>.tmp`` and rename it onto `path` (a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write `text` (UTF-8) through `write_durable`: a reader never sees half a file, and concurrent
+    writers of one target (two `tta matrix` runners sharing a results folder) each use their own
+    temporary file."""
+    return write_durable(path, text.encode("utf-8"))
 
 
 def write_durable(path: str | os.PathLike[str], content: bytes | Callable[[BinaryIO], object]) -> Path:
