@@ -203,7 +203,9 @@ def main() -> None:
     ap.add_argument("--modes", default="floor,floor_cl,fast,reference,skip",
                     help="floor: N+3 forwards + 1 backward in the model's layout; floor_cl: the same with "
                          "channels_last views; fast; reference (reference_mode); skip (fast, confident anchor); "
-                         "fast_nK (fast with K views); fast_bf16 (fast under bf16 autocast)")
+                         "fast_nK (fast with K views); fast_vK (fast with K views per ghost-BN forward); fast_cl / "
+                         "fast_nchw (fast with channels_last / contiguous views); fast_bf16 (fast under bf16 autocast); "
+                         "fast_cl_bf16 (both)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--breakdown", action="store_true",
@@ -266,9 +268,20 @@ def main() -> None:
         if fewer:
             runners[mode] = tta.adapt(copy.deepcopy(base), "cotta", **{**common, "n_views": int(fewer[1])},
                                       **fast_only)
+    for mode in modes:  # fast_vK: K views per ghost-BN forward; fast_cl / fast_nchw: the views' memory format
+        per = re.fullmatch(r"fast_v(\d+)", mode)
+        if per:
+            runners[mode] = tta.adapt(copy.deepcopy(base), "cotta", **{**common, "views_per_forward": int(per[1])},
+                                      **fast_only)
+        elif mode in ("fast_cl", "fast_nchw"):
+            fmt = "channels_last" if mode == "fast_cl" else "contiguous"
+            runners[mode] = tta.adapt(copy.deepcopy(base), "cotta", **common, views_memory_format=fmt)
     if "fast_bf16" in modes:
         runners["fast_bf16"] = autocast_bf16(tta.adapt(copy.deepcopy(base), "cotta", **common, **fast_only),
                                             device)
+    if "fast_cl_bf16" in modes:
+        runners["fast_cl_bf16"] = autocast_bf16(
+            tta.adapt(copy.deepcopy(base), "cotta", **common, views_memory_format="channels_last"), device)
     unknown = [m for m in modes if m not in runners]
     if unknown:
         ap.error(f"unknown mode(s) {', '.join(unknown)}")

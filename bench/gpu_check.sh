@@ -5,7 +5,8 @@
 #
 #   OUT=runs/gpu bash bench/gpu_check.sh         # ~4 min on an H200
 #   OUT=runs/gpu TRAIN_VIT=1 TTA_FASHION_MNIST_DIR=... bash bench/gpu_check.sh
-#   ADAPTERS=0 skips the last stage (adapter steps vs source forward, twice: compiled ops and torch ops).
+#   ADAPTERS=0 skips the last stage (adapter steps vs source forward, twice: compiled ops and torch ops);
+#   R50_BREAKDOWN=0 the resnet50 CoTTA phase breakdown; R50_MODES=fast_v4,fast_v8 adds bench_cotta modes.
 #
 # Nothing is installed: the build goes next to the sources (tta/_C*.so) and PYTHONPATH points here.
 # Pure-Python dependencies the machine lacks (platformdirs, ...) can sit as wheels in $WHEELS (default
@@ -39,6 +40,15 @@ stage environment
   nvcc --version | tail -2; nproc
   echo '$ python3 -c "import tensorrt"'; $PY -c "import tensorrt; print('tensorrt', tensorrt.__version__)"
   $PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, 'providers:', o.get_available_providers())"
+  $PY -c "
+import torch
+x = torch.empty(2**29, device='cuda'); y = torch.empty_like(x)  # 2 GiB each, far above the L2
+for _ in range(3): y.copy_(x)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+s.record()
+for _ in range(10): y.copy_(x)
+e.record(); e.synchronize()
+print(f'device-to-device copy: {2 * x.numel() * 4 * 10 / (s.elapsed_time(e) * 1e-3) / 1e9:.0f} GB/s (read + write)')"
   } 2>&1 | log
 
 if [ "${TRAIN_VIT:-0}" = 1 ]; then
@@ -95,14 +105,28 @@ fi
 stage "CUDA kernel benchmark"
 timeout 240 $PY bench/bench_ops_cuda.py --out "$OUT/ops_cuda.json" 2>&1 | log
 
+stage "where the BN op's time goes: per-kernel device time and host time (torch.profiler)"
+timeout 120 $PY bench/profile_bn_cuda.py --iters 30 2>&1 | log
+timeout 60 $PY bench/profile_bn_cuda.py --iters 30 --train --layouts nchw \
+  --shapes 200x64x8x8,64x256x14x14,256x64x56x56 2>&1 | log
+
 stage "CoTTA on the GPU: default card, batch 200, 32 views, grey input"
 timeout 240 $PY bench/bench_cotta.py --device cuda --batch 200 --size 32 --views 32 --input grey --batches 5 \
-  --modes floor,fast,reference,skip,fast_bf16 --out "$OUT/cotta_card.json" 2>&1 | grep -v '^batch' | log
+  --modes floor,fast,reference,skip,fast_bf16,fast_cl,fast_cl_bf16 --out "$OUT/cotta_card.json" 2>&1 \
+  | grep -v '^batch' | log
+stage "CoTTA on the GPU: default card fast path, time per phase (--breakdown)"
+timeout 120 $PY bench/bench_cotta.py --device cuda --batch 200 --size 32 --views 32 --input grey --batches 5 \
+  --breakdown 2>&1 | log
 
 stage "CoTTA on the GPU: timm resnet50 (random weights), batch 64, 224 px, 32 views"
 timeout 300 $PY bench/bench_cotta.py --device cuda --model timm:resnet50 --classes 1000 --batch 64 --size 224 \
-  --views 32 --batches 3 --modes floor,fast,reference,skip,fast_bf16 --out "$OUT/cotta_r50.json" 2>&1 \
-  | grep -v '^batch' | log
+  --views 32 --batches 3 --modes floor,fast,reference,skip,fast_bf16,fast_cl,fast_cl_bf16${R50_MODES:+,$R50_MODES} \
+  --out "$OUT/cotta_r50.json" 2>&1 | grep -v '^batch' | log
+if [ "${R50_BREAKDOWN:-1}" = 1 ]; then
+stage "CoTTA on the GPU: resnet50 fast path, time per phase (--breakdown)"
+timeout 120 $PY bench/bench_cotta.py --device cuda --model timm:resnet50 --classes 1000 --batch 64 --size 224 \
+  --views 32 --batches 3 --breakdown 2>&1 | log
+fi
 if [ "${ADAPTERS:-1}" = 1 ]; then
 stage "adapter step vs source forward on the GPU (default card, batch 200): compiled ops, then TTA_DISABLE_C=1"
 timeout 200 $PY bench/bench_adapters.py --device cuda --rounds 15 --json "$OUT/adapters_cuda.json" 2>&1 | log

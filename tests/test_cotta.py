@@ -115,6 +115,24 @@ def test_ghost_bn_batched_views_equal_separate_forwards():
     assert not torch.allclose(stacked_plain, separate, atol=1e-3)  # without ghost BN it differs
 
 
+def test_ghost_bn_keeps_the_input_dtype_under_autocast():
+    """A bf16 activation stays bf16 through ghost BN (an fp32 scale must not promote it: every
+    later layer would pay a cast) and matches the fp32 ghost BN to bf16 precision."""
+    from tta.layers import CalibratedBatchNorm
+
+    layer = CalibratedBatchNorm.from_batchnorm(nn.BatchNorm2d(6), 0.0)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    layer.ghost_groups = 4
+    x = torch.randn(8, 6, 5, 5) * 3 + 1
+    with torch.no_grad():
+        want = layer(x)
+        got = layer(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
 def test_foreach_ema_and_restore_match_the_literal_loops():
     g = torch.Generator().manual_seed(0)
     shapes = [(4, 3, 3, 3), (4,), (10, 7)]

@@ -121,7 +121,8 @@ def test_statistics_accurate_when_the_first_values_are_unrepresentative(device, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,layout", [((8, 19, 7, 5), "contiguous"), ((8, 19, 7, 5), "channels_last"), ((16, 33), "contiguous")])
+@pytest.mark.parametrize("shape,layout", [((8, 19, 7, 5), "contiguous"), ((8, 19, 7, 5), "channels_last"),
+                                          ((16, 33), "contiguous"), ((8, 4, 48, 48), "contiguous")])
 def test_update_variant_moves_running_stats(shape, layout, device):
     x = make_input(shape, layout, torch.float32, device)
     mean, var, w, b = make_stats(shape[1], device)
@@ -300,7 +301,10 @@ KERNEL_PATH_CASES = [
     ((1, 3, 5, 7), "contiguous"),  # B=1, odd plane: single values
     ((2, 8, 4, 4), "contiguous"),  # packs of 4 (fp32) and 8 (half types)
     ((3, 5, 6, 2), "contiguous"),  # plane of 12: fp32 packs, half types single values
-    ((1, 64, 56, 56), "contiguous"),  # B=1, large planes split over blocks
+    ((1, 64, 56, 56), "contiguous"),  # B=1, large planes: one block per channel (fused path)
+    ((4, 8, 64, 64), "contiguous"),  # exactly the fused path's limit of 16,384 values per channel
+    ((4, 8, 64, 65), "contiguous"),  # one plane row over it: the three-pass path
+    ((2, 64, 96, 96), "contiguous"),  # B=2, large planes split over blocks
     ((32, 64, 28, 28), "contiguous"),  # many splits per channel
     ((16, 16, 32, 32), "channels_last"),  # C=16: fewer packs per row than lanes
     ((4, 20, 8, 8), "channels_last"),  # C=20: fp32 packs, half types single values

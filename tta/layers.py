@@ -146,7 +146,9 @@ class CalibratedBatchNorm(nn.Module):
         if self.weight is not None:
             scale = scale * self.weight.view(shape)
             shift = shift * self.weight.view(shape) + self.bias.view(shape)
-        return torch.addcmul(shift, xg, scale).reshape(x.shape)
+        # in x's dtype: under autocast an fp32 scale would promote the whole activation to fp32
+        # and every later layer would pay for the cast back (F.batch_norm keeps x's dtype too)
+        return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).reshape(x.shape)
 
 
 def _check_batch_size(x: torch.Tensor, groups: int) -> None:
