@@ -52,7 +52,7 @@ def build(model: str, classes: int) -> tuple[nn.Module, str]:
 
 def floor_step(model: nn.Module, x: torch.Tensor, n_views: int, views_channels_last: bool = False) -> None:
     """(n_views + 2) no-grad forwards + 1 forward with grad + 1 backward, each at batch size B;
-    with `views_channels_last` the n_views forwards take channels_last input (the fast path's CPU
+    with `views_channels_last` the n_views forwards take channels_last input (the fast path's
     default), so the floor of that layout is measured too."""
     xv = x.contiguous(memory_format=torch.channels_last) if views_channels_last else x
     with torch.no_grad():
@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=32)
     ap.add_argument("--views-per-forward", type=int, default=0)
     ap.add_argument("--views-memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                    help="memory format of the fast path's augmented views (auto: channels_last on CPU)")
+                    help="memory format of the fast path's augmented views (auto: channels_last for 4-D images)")
     ap.add_argument("--batches", type=int, default=2, help="timed batches per mode (after one warm-up)")
     ap.add_argument("--ap", type=float, default=1.0)
     ap.add_argument("--input", choices=["colour", "grey"], default="colour",

@@ -112,7 +112,7 @@ timeout 60 $PY bench/profile_bn_cuda.py --iters 30 --train --layouts nchw \
 
 stage "CoTTA on the GPU: default card, batch 200, 32 views, grey input"
 timeout 240 $PY bench/bench_cotta.py --device cuda --batch 200 --size 32 --views 32 --input grey --batches 5 \
-  --modes floor,fast,reference,skip,fast_bf16,fast_cl,fast_cl_bf16 --out "$OUT/cotta_card.json" 2>&1 \
+  --modes floor,fast,reference,skip,fast_bf16,fast_nchw --out "$OUT/cotta_card.json" 2>&1 \
   | grep -v '^batch' | log
 stage "CoTTA on the GPU: default card fast path, time per phase (--breakdown)"
 timeout 120 $PY bench/bench_cotta.py --device cuda --batch 200 --size 32 --views 32 --input grey --batches 5 \
@@ -120,7 +120,7 @@ timeout 120 $PY bench/bench_cotta.py --device cuda --batch 200 --size 32 --views
 
 stage "CoTTA on the GPU: timm resnet50 (random weights), batch 64, 224 px, 32 views"
 timeout 300 $PY bench/bench_cotta.py --device cuda --model timm:resnet50 --classes 1000 --batch 64 --size 224 \
-  --views 32 --batches 3 --modes floor,fast,reference,skip,fast_bf16,fast_cl,fast_cl_bf16${R50_MODES:+,$R50_MODES} \
+  --views 32 --batches 3 --modes floor,fast,reference,skip,fast_bf16,fast_nchw${R50_MODES:+,$R50_MODES} \
   --out "$OUT/cotta_r50.json" 2>&1 | grep -v '^batch' | log
 if [ "${R50_BREAKDOWN:-1}" = 1 ]; then
 stage "CoTTA on the GPU: resnet50 fast path, time per phase (--breakdown)"

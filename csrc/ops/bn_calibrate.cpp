@@ -79,6 +79,8 @@ class BnCalibrateFunction : public torch::autograd::Function<BnCalibrateFunction
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : at::kFloat;
     ctx->mark_non_differentiable({batch_mean, batch_var});
+    // the statistics' gradients are never used: no zero tensors for them (a fill kernel per layer)
+    ctx->set_materialize_grads(false);
     return {y, batch_mean, batch_var};
   }
 

@@ -17,8 +17,8 @@ Two execution paths with the same results (tested against each other), written a
   unconfident (the later reference code checks first; same result), the views run as batched
   forwards of ``views_per_forward`` views with per-view ("ghost") BatchNorm statistics (equal to
   separate forwards; `TeacherStudentAdapter.teacher_views`), batched augmentation (grey RGB
-  batches augmented as one channel, bit-identical), the views fed channels_last on CPUs (oneDNN's
-  native layout; same values to fp32 rounding), `torch._foreach_*` EMA and one on-device draw for
+  batches augmented as one channel, bit-identical), the views fed channels_last (oneDNN's and cuDNN's
+  faster layout; same values to fp32 rounding), `torch._foreach_*` EMA and one on-device draw for
   all restore masks.
 - `CoTTA.reference_step` (``reference_mode=True``): the literal algorithm of the original CIFAR code,
   in its order: student, anchor, teacher, then the 32 augmented teacher passes always computed as

@@ -84,10 +84,13 @@ class AugmentedTeacherConfig(TeacherConfig):
         16 images at 224 px: 16.3 s batched vs 13.8 s separate on the 2-core box). Lower it to bound
         memory (large images).
     views_memory_format: memory format of the augmented views fed to the teacher: ``channels_last``,
-        ``contiguous`` (NCHW) or ``auto`` = channels_last on CPUs (oneDNN's convolutions run NHWC
-        natively: 1.24x faster CoTTA steps for ResNet-20, B=200, N=32 on the 2-core box, outputs
-        within 3e-6 of NCHW), the input's format elsewhere. Default ``contiguous`` (ViDA and VDP:
-        the values they gave before the views were shared); CoTTA's default ``auto``.
+        ``contiguous`` (NCHW) or ``auto`` = channels_last for 4-D images on every device. On CPUs
+        oneDNN's convolutions run NHWC natively (1.24x faster CoTTA steps for ResNet-20, B=200,
+        N=32 on the 2-core box, outputs within 3e-6 of NCHW); on an H200 cuDNN's TF32
+        convolutions and the ghost-BN reductions are faster on it too (CoTTA steps 1.21x faster
+        for the ResNet-20 card, B=200, N=32; 1.25x for resnet50 at 224 px, B=64, N=32;
+        BENCHMARKS.md "GPU"). Default ``contiguous`` (ViDA and VDP: the values they gave before the
+        views were shared); CoTTA's default ``auto``.
     """
 
     n_views: int = 10
@@ -246,10 +249,8 @@ def views_per_forward(configured: int, n_views: int, device: torch.device) -> in
 
 
 def views_channels_last(configured: str, x: torch.Tensor) -> bool:
-    """Whether the views are fed channels_last: as configured, or auto (CPU, 4-D)."""
-    if x.dim() != 4 or configured == "contiguous":
-        return False
-    return configured == "channels_last" or x.device.type == "cpu"
+    """Whether the views are fed channels_last: unless configured ``contiguous``, for 4-D images."""
+    return x.dim() == 4 and configured != "contiguous"
 
 
 @contextlib.contextmanager
