@@ -12,6 +12,8 @@ the op against the composite (fp32: 1e-4; half types: one unit in the last place
   vs var_mean + mixing + `F.batch_norm` (cuDNN/ATen).
 - bn-train-<shape>: forward + backward with batch statistics (TENT's path): the op with its fused
   backward vs `F.batch_norm(training=True)`.
+- bn-ghost-<shape>-g<groups>[-cl]: `tta.ops.bn_calibrate_grouped` (ghost BN of stacked views, a=0)
+  vs the torch composite `tta.ops.reference.bn_calibrate_grouped` (var_mean per group + addcmul).
 - knn-M<m>-D<d>-B<b>: `tta.ops.knn_vote` vs matmul + topk + softmax + scatter_add, k=100, tau=0.1.
 
 Achieved bandwidth of the BN op (GB/s = bytes / op time) counts every read and write of a tensor
@@ -146,6 +148,34 @@ def bn_train_cases(args):
         yield "bn-train-" + shape_name(shape), run
 
 
+# ghost BN of stacked augmented views: (views x batch, C, H, W) in `views` groups; the shapes of
+# CoTTA's 32 views of the card's batch of 200 (first stage) and of resnet50's 64 images at 56x56
+GHOST = [((6400, 16, 32, 32), 32), ((2048, 64, 56, 56), 32)]
+
+
+def bn_grouped_cases(args):
+    """Ghost BN: `tta.ops.bn_calibrate_grouped` vs the torch composite (var_mean per group + addcmul)."""
+    for shape, groups in GHOST:
+        for layout in ("nchw", "cl"):
+
+            def run(shape=shape, groups=groups, layout=layout):
+                x = torch.randn(shape, device="cuda")
+                if layout == "cl":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                c = shape[1]
+                rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
+                w, b = torch.rand(c, device="cuda"), torch.randn(c, device="cuda")
+                with torch.no_grad():
+                    op = lambda: tta.ops.bn_calibrate_grouped(x, rm, rv, w, b, 0.0, 1e-5, groups)  # noqa: E731
+                    comp = lambda: reference.bn_calibrate_grouped(x, rm, rv, w, b, 0.0, 1e-5, groups)  # noqa: E731
+                    torch.testing.assert_close(op(), comp(), rtol=1e-4, atol=1e-4)
+                    t_op = cuda_time(op, max(1, args.iters // 5), args.repeats)
+                    t_comp = cuda_time(comp, max(1, args.iters // 5), args.repeats)
+                return bandwidth(t_op, t_comp, x, "forward", args.peak_gbs)
+
+            yield f"bn-ghost-{shape_name(shape)}-g{groups}" + ("-cl" if layout == "cl" else ""), run
+
+
 def torch_knn(q, mem, labels):
     sims = F.normalize(q, dim=1) @ mem.T
     v, i = sims.topk(K, dim=1)
@@ -214,7 +244,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=["bn", "bn-train", "knn"], default=None)
+    ap.add_argument("--only", choices=["bn", "bn-train", "bn-ghost", "knn"], default=None)
     ap.add_argument("--out", default=None, help="write the JSON result here")
     ap.add_argument("--peak-gbs", type=float, default=H200_PEAK_GBS,
                     help="device peak memory bandwidth for the %% column (default: H200 datasheet, 4800)")
@@ -241,7 +271,7 @@ def main() -> int:
         write({"hung_case": case})
 
     dog = Watchdog(args.case_timeout, on_hang)
-    suites = {"bn": bn_cases, "bn-train": bn_train_cases, "knn": knn_cases}
+    suites = {"bn": bn_cases, "bn-train": bn_train_cases, "bn-ghost": bn_grouped_cases, "knn": knn_cases}
     print("| case | op (ms) | composite (ms) | composite / op | op GB/s | % peak |\n|---|---|---|---|---|---|",
           flush=True)
     failures = 0

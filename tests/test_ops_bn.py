@@ -344,3 +344,67 @@ def test_kernel_paths_forward_and_backward(shape, layout, dtype, device):
     torch.testing.assert_close(dx.float(), xr.grad, rtol=rtol, atol=atol * float(xr.grad.abs().max()))
     torch.testing.assert_close(dw, wr.grad, rtol=rtol, atol=atol * float(wr.grad.abs().max()))
     torch.testing.assert_close(db, br.grad, rtol=rtol, atol=atol * float(br.grad.abs().max()))
+
+
+# Ghost BatchNorm (tta::bn_calibrate_grouped): every group equals bn_calibrate of its batch slice
+# alone. Shapes steer the CUDA kernel through the fused one-launch path (small groups), the
+# three-pass path (groups over 16,384 values per channel), channels_last rows, single-value loads
+# and one sample per group.
+GROUPED_CASES = [
+    ((12, 5, 4, 4), "contiguous", 3),  # fused path, plane of 16: packs
+    ((8, 6, 5, 3), "contiguous", 4),  # plane of 15: single values
+    ((64, 8, 32, 32), "contiguous", 2),  # 32,768 values per (group, channel): three passes
+    ((16, 24, 8, 8), "channels_last", 4),  # rows, packs
+    ((6, 20, 5, 5), "channels_last", 3),  # rows, fp16/bf16 single values (20 % 8)
+    ((4, 3, 7, 7), "contiguous", 4),  # one sample per group
+    ((9, 7), "contiguous", 3),  # BN1d input: one value per channel and sample
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout,groups", GROUPED_CASES, ids=str)
+@pytest.mark.parametrize("source_weight", [0.0, 0.3])
+def test_grouped_op_equals_bn_calibrate_per_slice(shape, layout, groups, dtype, device, source_weight):
+    x = make_input(shape, layout, dtype, device)
+    mean, var, w, b = make_stats(shape[1], device)
+    y = torch.ops.tta.bn_calibrate_grouped(x, mean, var, w, b, source_weight, 1e-5, groups)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    n = shape[0] // groups
+    want = torch.cat([reference.bn_calibrate(x[g * n:(g + 1) * n].float(), mean, var, w, b, source_weight, 1e-5)
+                      for g in range(groups)])
+    assert_close(y, want.to(dtype), dtype, "grouped output")
+    ref = reference.bn_calibrate_grouped(x, mean, var, w, b, source_weight, 1e-5, groups)
+    assert_close(ref, want.to(dtype), dtype, "grouped reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_op_rejects_bad_groups_and_runs_the_reference_with_gradients(device):
+    x = make_input((6, 4, 3, 3), "contiguous", torch.float32, device)
+    mean, var, w, b = make_stats(4, device)
+    with pytest.raises(InvalidInputError, match="not divisible into 4 groups"):
+        tta.ops.bn_calibrate_grouped(x, mean, var, w, b, 0.0, 1e-5, 4)
+    with pytest.raises(RuntimeError, match="not divisible"):
+        torch.ops.tta.bn_calibrate_grouped(x, mean, var, w, b, 0.0, 1e-5, 0)
+    xr = x.clone().requires_grad_()
+    y = tta.ops.bn_calibrate_grouped(xr, mean, var, w, b, 0.0, 1e-5, 3)  # differentiable reference
+    y.square().sum().backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ghost_groups_of_the_layer_equal_separate_forwards(device, layout):
+    """CalibratedBatchNorm with ghost_groups = G (the path of the teacher's stacked views; on CUDA
+    the compiled grouped kernel) equals G separate forwards of its batch slices."""
+    layer = CalibratedBatchNorm.from_batchnorm(nn.BatchNorm2d(12), 0.2).to(device)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+        layer.running_mean.uniform_(-1, 1)
+    x = make_input((20, 12, 6, 6), layout, torch.float32, device)
+    with torch.no_grad():
+        separate = torch.cat([layer(x[i * 4:(i + 1) * 4]) for i in range(5)])
+        layer.ghost_groups = 5
+        batched = layer(x)
+    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)

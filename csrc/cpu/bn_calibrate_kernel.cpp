@@ -428,6 +428,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_cpu(const at::Tensor
   return bn_forward(x, src_mean, src_var, weight, bias, source_weight, 0.0, eps, false);
 }
 
+// Ghost BatchNorm on the CPU: each contiguous slice of N / groups samples through the fused pass.
+at::Tensor bn_calibrate_grouped_cpu(const at::Tensor& x_in, const at::Tensor& src_mean, const at::Tensor& src_var,
+                                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                    double source_weight, double eps, int64_t groups) {
+  check_bn_args(x_in, src_mean, src_var, weight, bias);
+  TORCH_CHECK(x_in.numel() > 0, "bn_calibrate: empty input");
+  TORCH_CHECK(groups >= 1 && x_in.size(0) % groups == 0, "bn_calibrate_grouped: batch of ", x_in.size(0),
+              " is not divisible into ", groups, " groups");
+  const at::Tensor& x = bn_layout(x_in).x;  // dense: every batch slice is dense in the same format
+  if (groups == 1) return std::get<0>(bn_forward(x, src_mean, src_var, weight, bias, source_weight, 0.0, eps, false));
+  at::Tensor y = at::empty_like(x);
+  const int64_t n = x.size(0) / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    y.narrow(0, g * n, n).copy_(
+        std::get<0>(bn_forward(x.narrow(0, g * n, n), src_mean, src_var, weight, bias, source_weight, 0.0, eps, false)));
+  }
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_update_cpu(
     const at::Tensor& x, at::Tensor& running_mean, at::Tensor& running_var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double source_weight, double momentum, double eps) {
@@ -477,6 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_backward_cpu(
 TORCH_LIBRARY_IMPL(tta, CPU, m) {
   m.impl("bn_calibrate", &bn_calibrate_cpu);
   m.impl("bn_calibrate_update", &bn_calibrate_update_cpu);
+  m.impl("bn_calibrate_grouped", &bn_calibrate_grouped_cpu);
   m.impl("bn_calibrate_backward", &bn_calibrate_backward_cpu);
 }
 

@@ -136,6 +136,8 @@ template <typename scalar_t, int V>
 __global__ void moments_nchw_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t Sv, int64_t total,
                                     int64_t per_split, float* __restrict__ part) {
   const int64_t c = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  x += static_cast<int64_t>(blockIdx.z) * total * C * V;  // ghost group z: its own batch slice
+  part += static_cast<int64_t>(blockIdx.z) * 3 * C * splits;
   const int64_t begin = split * per_split, end = min(total, begin + per_split);
   int64_t i = begin + threadIdx.x;
   PlaneCursor cur(i, blockDim.x, Sv);
@@ -173,6 +175,8 @@ __global__ void moments_rows_kernel(const scalar_t* __restrict__ x, int64_t R, i
   const int TX = blockDim.x, TY = blockDim.y;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * TX + threadIdx.x;
   const int64_t split = blockIdx.y, splits = gridDim.y;
+  x += static_cast<int64_t>(blockIdx.z) * R * Cv * V;  // ghost group z: its own batch slice
+  part += static_cast<int64_t>(blockIdx.z) * 3 * Cv * V * splits;
   const int64_t begin = split * per_split, end = min(R, begin + per_split);
   Welford w[V];
   if (cv < Cv) {
@@ -269,25 +273,29 @@ __device__ __forceinline__ float2 finalize_channel(int64_t c, const Welford& w, 
 // channel block spreads over ~1000 splits (channels_last: up to 86% of the op's time on the H200).
 constexpr int kFinalizeWarps = kThreads / 32;  // channels per finalize block
 
-__global__ void finalize_kernel(const float* __restrict__ part, int64_t C, int64_t splits,
+// `groups` ghost groups: row gc = g * C + c of the partials, scale/shift and batch statistics
+// belongs to channel c of group g (the source statistics and affine are per channel; running
+// statistics are only moved with one group).
+__global__ void finalize_kernel(const float* __restrict__ part, int64_t C, int64_t groups, int64_t splits,
                                 const float* src_mean, const float* src_var, const float* __restrict__ weight,
                                 const float* __restrict__ bias, float* running_mean, float* running_var, float a,
                                 float momentum, float eps, float* __restrict__ scale, float* __restrict__ shift,
                                 float* __restrict__ batch_mean, float* __restrict__ batch_var) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + (threadIdx.x >> 5);
+  const int64_t gc = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (c >= C) return;  // uniform per warp: the shuffles below see all 32 lanes
+  if (gc >= groups * C) return;  // uniform per warp: the shuffles below see all 32 lanes
   Welford w;
   for (int64_t s = lane; s < splits; s += 32) {
-    const float* p = part + 3 * (c * splits + s);
+    const float* p = part + 3 * (gc * splits + s);
     w.merge(p[0], p[1], p[2]);
   }
   w = warp_reduce(w);
   if (lane != 0) return;
+  const int64_t c = groups == 1 ? gc : gc % C, base = gc - c;
   const float2 st = finalize_channel(c, w, src_mean, src_var, weight, bias, running_mean, running_var, a, momentum,
-                                     eps, batch_mean, batch_var);
-  scale[c] = st.x;
-  shift[c] = st.y;
+                                     eps, batch_mean + base, batch_var + base);
+  scale[gc] = st.x;
+  shift[gc] = st.y;
 }
 
 // y = x * scale[c] + shift[c] over nvec packs; packs of one plane share a channel (NCHW), or
@@ -296,6 +304,11 @@ template <typename scalar_t, int V, bool kRows>
 __global__ void apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                              const float* __restrict__ scale, const float* __restrict__ shift, int64_t nvec,
                              int64_t Sv, int64_t Cdim) {
+  // ghost group z: its own slice of nvec packs and its own C scale/shift values
+  x += static_cast<int64_t>(blockIdx.z) * nvec * V;
+  y += static_cast<int64_t>(blockIdx.z) * nvec * V;
+  scale += static_cast<int64_t>(blockIdx.z) * (kRows ? Cdim * V : Cdim);
+  shift += static_cast<int64_t>(blockIdx.z) * (kRows ? Cdim * V : Cdim);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   ChannelCursor cur(i, stride, Sv, Cdim);
@@ -344,6 +357,10 @@ __global__ void __launch_bounds__(kFusedThreads)
                          float* __restrict__ batch_var) {
   __shared__ float2 st;
   const int64_t c = blockIdx.x;
+  x += static_cast<int64_t>(blockIdx.z) * total * C * V;  // ghost group z: its own batch slice
+  y += static_cast<int64_t>(blockIdx.z) * total * C * V;
+  batch_mean += static_cast<int64_t>(blockIdx.z) * C;
+  batch_var += static_cast<int64_t>(blockIdx.z) * C;
   int64_t i = threadIdx.x;
   PlaneCursor cur(i, blockDim.x, Sv);
   Welford w;
@@ -401,17 +418,19 @@ inline int sm_count(const at::Tensor& x) {
   return std::max(sms, 1);
 }
 
-// `vec_ok`: every tensor the passes read or write is 16-byte aligned.
-inline Plan make_plan(const at::Tensor& x, bool rows, bool vec_ok) {
+// `vec_ok`: every tensor the passes read or write is 16-byte aligned. `groups` > 1: ghost groups,
+// each a contiguous slice of N / groups samples with its own statistics (the geometry is one
+// group's; the grid's z dimension runs the groups, and the GPU is shared among them).
+inline Plan make_plan(const at::Tensor& x, bool rows, bool vec_ok, int64_t groups = 1) {
   Plan p{};
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = x.numel() / (N * C);
+  const int64_t N = x.size(0) / groups, C = x.size(1);
+  const int64_t S = x.numel() / (x.size(0) * C);
   const int64_t pack = kVecBytes / static_cast<int64_t>(x.element_size());
   const int64_t inner = rows ? C : S;
   p.rows = rows;
   p.V = vec_ok && inner % pack == 0 ? pack : 1;
   const int64_t sms = sm_count(x);
-  const int64_t target = kBlocksPerSm * sms;
+  const int64_t target = (kBlocksPerSm * sms + groups - 1) / groups;
   int64_t units, min_per_split;
   if (rows) {
     p.R = N * S;
@@ -433,10 +452,11 @@ inline Plan make_plan(const at::Tensor& x, bool rows, bool vec_ok) {
   splits = std::min<int64_t>({splits, (units + min_per_split - 1) / min_per_split, 65535});
   p.splits = std::max<int64_t>(splits, 1);
   p.per_split = (units + p.splits - 1) / p.splits;
-  const int64_t nvec = x.numel() / p.V;
+  const int64_t nvec = N * C * S / p.V;
   p.apply_blocks = static_cast<unsigned>(
       std::max<int64_t>(1, std::min<int64_t>((nvec + kThreads * kUnroll - 1) / (kThreads * kUnroll), target)));
   TORCH_CHECK(p.channel_blocks <= 0x7fffffff, "bn_calibrate: too many channels");
+  TORCH_CHECK(groups <= 65535, "bn_calibrate_grouped: at most 65535 groups, got ", groups);
   p.fused = !rows && N * S <= kFusedMaxValues;
   return p;
 }
@@ -456,18 +476,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in
                                                           const at::Tensor& src_var,
                                                           const std::optional<at::Tensor>& weight,
                                                           const std::optional<at::Tensor>& bias, double a,
-                                                          double momentum, double eps, bool update) {
+                                                          double momentum, double eps, bool update,
+                                                          int64_t groups = 1) {
   check_bn_args(x_in, src_mean, src_var, weight, bias);
   TORCH_CHECK(x_in.numel() > 0, "bn_calibrate: empty input");
+  TORCH_CHECK(groups >= 1 && x_in.size(0) % groups == 0, "bn_calibrate_grouped: batch of ", x_in.size(0),
+              " is not divisible into ", groups, " groups");
+  TORCH_CHECK(groups == 1 || !update, "bn_calibrate_update: one group only");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t C = x_in.size(1);
+  const int64_t C = x_in.size(1), n = x_in.size(0) / groups;
   const int64_t S = x_in.numel() / (x_in.size(0) * C);
   const BnLayout layout = bn_layout(x_in);
   const bool rows = layout.channels_last || S == 1;
   const at::Tensor& x = layout.x;
   at::Tensor y = at::empty_like(x);
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor batch_mean = at::empty({C}, f32), batch_var = at::empty({C}, f32);
+  // (groups, C) statistics: one row per ghost group (groups == 1: the op's (C,) outputs)
+  at::Tensor batch_mean = at::empty({groups * C}, f32), batch_var = at::empty({groups * C}, f32);
   if (update) {
     TORCH_CHECK(src_mean.is_contiguous() && src_var.is_contiguous(),
                 "bn_calibrate_update: running statistics must be contiguous");
@@ -476,12 +501,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in
   const at::Tensor w = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
-  const Plan plan = make_plan(x, rows, aligned(x.const_data_ptr()) && aligned(y.const_data_ptr()));
-  // One workspace (not needed by the fused path): scale (C), shift (C), partial moments (C, splits, 3).
-  at::Tensor work = plan.fused ? at::Tensor() : at::empty({C * (2 + 3 * plan.splits)}, f32);
+  const Plan plan = make_plan(x, rows, aligned(x.const_data_ptr()) && aligned(y.const_data_ptr()), groups);
+  // One workspace (not needed by the fused path), per group: scale (C), shift (C), partial
+  // moments (C, splits, 3).
+  const int64_t GC = groups * C;
+  at::Tensor work = plan.fused ? at::Tensor() : at::empty({GC * (2 + 3 * plan.splits)}, f32);
   float* scale = plan.fused ? nullptr : work.mutable_data_ptr<float>();
-  float* shift = plan.fused ? nullptr : scale + C;
-  float* part = plan.fused ? nullptr : shift + C;
+  float* shift = plan.fused ? nullptr : scale + GC;
+  float* part = plan.fused ? nullptr : shift + GC;
+  const unsigned G = static_cast<unsigned>(groups);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_calibrate_cuda", [&] {
@@ -490,8 +518,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in
     with_pack<scalar_t>(plan, [&](auto pack) {
       constexpr int V = decltype(pack)::value;
       if (plan.fused) {
-        fused_channel_kernel<scalar_t, V><<<static_cast<unsigned>(C), kFusedThreads, 0, stream>>>(
-            xp, yp, C, plan.Sv, x.size(0) * plan.Sv, mean_c.const_data_ptr<float>(), var_c.const_data_ptr<float>(),
+        fused_channel_kernel<scalar_t, V><<<dim3(static_cast<unsigned>(C), 1, G), kFusedThreads, 0, stream>>>(
+            xp, yp, C, plan.Sv, n * plan.Sv, mean_c.const_data_ptr<float>(), var_c.const_data_ptr<float>(),
             w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
             update ? mean_c.mutable_data_ptr<float>() : nullptr, update ? var_c.mutable_data_ptr<float>() : nullptr,
             static_cast<float>(a), static_cast<float>(momentum), static_cast<float>(eps),
@@ -499,29 +527,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(const at::Tensor& x_in
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
-      const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(plan.splits));
+      const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(plan.splits), G);
       if (plan.rows) {
         moments_rows_kernel<scalar_t, V><<<grid, dim3(plan.TX, plan.TY), 0, stream>>>(xp, plan.R, plan.Cv,
                                                                                      plan.per_split, part);
       } else {
-        moments_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, C, plan.Sv, x.size(0) * plan.Sv,
+        moments_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(xp, C, plan.Sv, n * plan.Sv,
                                                                          plan.per_split, part);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize_kernel<<<static_cast<unsigned>((C + kFinalizeWarps - 1) / kFinalizeWarps), kThreads, 0, stream>>>(
-          part, C, plan.splits, mean_c.const_data_ptr<float>(), var_c.const_data_ptr<float>(),
+      finalize_kernel<<<static_cast<unsigned>((GC + kFinalizeWarps - 1) / kFinalizeWarps), kThreads, 0, stream>>>(
+          part, C, groups, plan.splits, mean_c.const_data_ptr<float>(), var_c.const_data_ptr<float>(),
           w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
           update ? mean_c.mutable_data_ptr<float>() : nullptr, update ? var_c.mutable_data_ptr<float>() : nullptr,
           static_cast<float>(a), static_cast<float>(momentum), static_cast<float>(eps), scale, shift,
           batch_mean.mutable_data_ptr<float>(), batch_var.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t nvec = x.numel() / V;
+      const int64_t nvec = x.numel() / groups / V;  // per group
+      const dim3 apply_grid(plan.apply_blocks, 1, G);
       if (plan.rows) {
-        apply_kernel<scalar_t, V, true><<<plan.apply_blocks, kThreads, 0, stream>>>(xp, yp, scale, shift, nvec, 1,
-                                                                                   plan.Cv);
+        apply_kernel<scalar_t, V, true><<<apply_grid, kThreads, 0, stream>>>(xp, yp, scale, shift, nvec, 1, plan.Cv);
       } else {
-        apply_kernel<scalar_t, V, false><<<plan.apply_blocks, kThreads, 0, stream>>>(xp, yp, scale, shift, nvec,
-                                                                                    plan.Sv, C);
+        apply_kernel<scalar_t, V, false><<<apply_grid, kThreads, 0, stream>>>(xp, yp, scale, shift, nvec, plan.Sv,
+                                                                             C);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -535,6 +563,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_cuda(const at::Tenso
                                                                  const std::optional<at::Tensor>& bias,
                                                                  double source_weight, double eps) {
   return bn_forward(x, src_mean, src_var, weight, bias, source_weight, 0.0, eps, false);
+}
+
+// Ghost BatchNorm: `groups` equal, contiguous slices of the batch, each normalised with its own
+// batch statistics (mixed with the shared source statistics), in one set of launches.
+at::Tensor bn_calibrate_grouped_cuda(const at::Tensor& x, const at::Tensor& src_mean, const at::Tensor& src_var,
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                     double source_weight, double eps, int64_t groups) {
+  return std::get<0>(bn_forward(x, src_mean, src_var, weight, bias, source_weight, 0.0, eps, false, groups));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_update_cuda(
@@ -890,6 +926,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_backward_cuda(
 TORCH_LIBRARY_IMPL(tta, CUDA, m) {
   m.impl("bn_calibrate", &bn_calibrate_cuda);
   m.impl("bn_calibrate_update", &bn_calibrate_update_cuda);
+  m.impl("bn_calibrate_grouped", &bn_calibrate_grouped_cuda);
   m.impl("bn_calibrate_backward", &bn_calibrate_backward_cuda);
 }
 

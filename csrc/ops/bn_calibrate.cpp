@@ -7,6 +7,10 @@
 // bn_calibrate_update: the same output, and running_mean/running_var (the source statistics of
 //   the mixing, read before the update) move towards the batch statistics with `momentum`
 //   (running = (1 - momentum) * running + momentum * batch, unbiased batch variance, as PyTorch).
+// bn_calibrate_grouped: ghost BatchNorm: the batch is `groups` equal, contiguous slices (e.g. the
+//   stacked augmented views of one image batch), each normalised as bn_calibrate would normalise
+//   it alone (its own batch statistics, the shared source statistics and affine). Returns y only;
+//   forward only (no autograd formula: the callers run it without gradients).
 // bn_calibrate_backward: first-order gradients of bn_calibrate given its saved batch statistics:
 //   (grad_x, grad_weight, grad_bias), the last two fp32 (C,) whatever the input dtype.
 #include <torch/library.h>
@@ -19,6 +23,9 @@ TORCH_LIBRARY_FRAGMENT(tta, m) {
       "bn_calibrate_update(Tensor x, Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor? weight, Tensor? bias, float source_weight, float momentum, float eps) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_calibrate_grouped(Tensor x, Tensor source_mean, Tensor source_var, Tensor? weight, "
+      "Tensor? bias, float source_weight, float eps, int groups) -> Tensor");
   m.def(
       "bn_calibrate_backward(Tensor grad_y, Tensor x, Tensor source_mean, Tensor source_var, "
       "Tensor? weight, Tensor batch_mean, Tensor batch_var, float source_weight, float eps) "

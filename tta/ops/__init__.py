@@ -4,6 +4,8 @@ Ops (schemas in csrc/ops/, kernels in csrc/cpu/ and csrc/cuda/, oracles in `tta.
 
 - `bn_calibrate`: BatchNorm over source/batch statistics mixed by a weight (alpha-BN; ``a=0`` is
   test-time BN), one fused pass per channel; `bn_calibrate_update_` also moves running statistics.
+- `bn_calibrate_grouped`: the same per ghost group (consecutive batch slices, e.g. stacked augmented
+  views), forward only.
 - `knn_vote`: kNN memory lookup + softmax-weighted label vote (AdaNPC's classifier), tiled over
   the memory rows.
 
@@ -49,6 +51,8 @@ _KERNEL_DEVICES: frozenset[str] = frozenset(
 
 
 _BN_CALIBRATE = torch.ops.tta.bn_calibrate.default if _LOADED else None
+# a library built before the grouped op existed lacks it: the reference runs then
+_HAS_GROUPED = _LOADED and hasattr(torch.ops.tta, "bn_calibrate_grouped")
 
 
 def _as_f32(t: torch.Tensor) -> torch.Tensor:
@@ -106,6 +110,34 @@ def bn_calibrate(
         )
         return y
     return reference.bn_calibrate(x, running_mean, running_var, weight, bias, source_weight, eps)
+
+
+def bn_calibrate_grouped(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    source_weight: float,
+    eps: float,
+    groups: int,
+) -> torch.Tensor:
+    """Ghost BatchNorm: `bn_calibrate` of each of `groups` equal, consecutive batch slices (e.g. the
+    stacked augmented views of one batch) on its own, in one call. Forward only.
+
+    The compiled kernel runs on CUDA tensors (one set of launches for every group). Elsewhere, and
+    with gradients required, the torch reference runs: on CPUs the teacher-student adapters feed
+    one view per forward by default, so ghost groups are a GPU batching device (the CPU kernel,
+    `torch.ops.tta.bn_calibrate_grouped`, exists for completeness and as a second oracle)."""
+    _check_bn(x, running_mean, running_var)
+    if groups < 1 or x.shape[0] % groups:
+        raise InvalidInputError(f"bn_calibrate_grouped: batch of {x.shape[0]} is not divisible into {groups} groups")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if _HAS_GROUPED and x.device.type == "cuda" and has_kernel(x) and not needs_grad:
+        return torch.ops.tta.bn_calibrate_grouped(
+            x, _as_f32(running_mean), _as_f32(running_var), weight, bias, float(source_weight), float(eps), int(groups)
+        )
+    return reference.bn_calibrate_grouped(x, running_mean, running_var, weight, bias, source_weight, eps, groups)
 
 
 def bn_calibrate_update_(

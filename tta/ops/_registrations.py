@@ -31,6 +31,13 @@ def _bn_calibrate_update_fake(x, running_mean, running_var, weight, bias, source
     return _bn_output_like(x), x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
 
 
+if hasattr(torch.ops.tta, "bn_calibrate_grouped"):
+
+    @torch.library.register_fake("tta::bn_calibrate_grouped")
+    def _bn_calibrate_grouped_fake(x, source_mean, source_var, weight, bias, source_weight, eps, groups):
+        return _bn_output_like(x)
+
+
 @torch.library.register_fake("tta::knn_vote")
 def _knn_vote_fake(queries, memory, labels, num_classes, k, temperature, metric):
     b = queries.shape[0]

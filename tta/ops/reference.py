@@ -61,6 +61,42 @@ def bn_calibrate_stats(
     return y.to(x.dtype), mean, var
 
 
+def bn_calibrate_grouped(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    source_weight: float,
+    eps: float,
+    groups: int,
+) -> torch.Tensor:
+    """Ghost BatchNorm: `bn_calibrate` of each of `groups` equal, consecutive batch slices on its own.
+
+    Statistics per (group, channel) in fp32; normalisation and affine folded into one scale and
+    shift per (group, channel) (one addcmul over the big tensor); output in x's dtype.
+    """
+    if groups < 1 or x.shape[0] % groups:
+        raise ValueError(f"batch of {x.shape[0]} is not divisible into {groups} groups")
+    xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).float()
+    dims = [1] + list(range(3, xg.dim()))
+    var, mean = torch.var_mean(xg, dim=dims, unbiased=False, keepdim=True)
+    shape = [1, 1, -1] + [1] * (xg.dim() - 3)
+    a = float(source_weight)
+    if a > 0.0:
+        mean = a * running_mean.view(shape) + (1 - a) * mean
+        var = a * running_var.view(shape) + (1 - a) * var
+    scale = torch.rsqrt(var + eps)
+    shift = -mean * scale
+    if weight is not None:
+        scale = scale * weight.float().view(shape)
+        shift = shift * weight.float().view(shape)
+    if bias is not None:
+        shift = shift + bias.float().view(shape)
+    # fp32 arithmetic, one rounding to x's dtype (under autocast the activation stays bf16/fp16)
+    return torch.addcmul(shift, xg, scale).reshape(x.shape).to(x.dtype)
+
+
 def bn_calibrate_update_(
     x: torch.Tensor,
     running_mean: torch.Tensor,
