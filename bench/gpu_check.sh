@@ -14,7 +14,8 @@
 # that fails or hangs leaves the others' results.
 # TRAIN_VIT=1 also trains the ViT card (models/vit-fmnist's recipe, `tta train-source --device cuda`)
 # while the extension builds and the CUDA tests run; the timed stages start after it has finished.
-# Writes $OUT/log.txt (everything printed, with the build's warnings), ops_cuda.json, cotta_card.json, cotta_r50.json,
+# Writes $OUT/log.txt (everything printed, with the build's warnings), cuda_tests.txt (the whole pytest
+# output), ops_cuda.json, cotta_card.json, cotta_r50.json,
 # adapters_cuda.json and adapters_cuda_torch.json (the same with the torch reference ops), and with
 # TRAIN_VIT=1 vit.tar (models/vit-fmnist.* and the log).
 set -u
@@ -75,7 +76,9 @@ $PY -c "import tta.ops as o; print('backend', o.backend(), o.LOAD_ERROR or '')" 
 
 stage "CUDA tests"
 timeout 300 $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rfE \
-  tests/test_ops_bn.py tests/test_ops_knn.py tests/test_engine.py tests/test_cuda_adapters.py 2>&1 | tail -40 | log
+  tests/test_ops_bn.py tests/test_ops_knn.py tests/test_engine.py tests/test_cuda_adapters.py >"$OUT/cuda_tests.txt" 2>&1
+echo "pytest exit $?" | log
+grep -E "^(FAILED|ERROR)|Fatal Python error|passed|failed" "$OUT/cuda_tests.txt" | tail -30 | log
 
 stage "which call of the input checks synchronises (sync debug mode as errors, with the stack)"
 timeout 60 $PY - <<'PYEOF' 2>&1 | tail -25 | log

@@ -384,8 +384,9 @@ def test_grouped_op_rejects_bad_groups_and_runs_the_reference_with_gradients(dev
     mean, var, w, b = make_stats(4, device)
     with pytest.raises(InvalidInputError, match="not divisible into 4 groups"):
         tta.ops.bn_calibrate_grouped(x, mean, var, w, b, 0.0, 1e-5, 4)
-    with pytest.raises(RuntimeError, match="not divisible"):
-        torch.ops.tta.bn_calibrate_grouped(x, mean, var, w, b, 0.0, 1e-5, 0)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="not divisible"):
+            torch.ops.tta.bn_calibrate_grouped(x, mean, var, w, b, 0.0, 1e-5, 0)
     xr = x.clone().requires_grad_()
     y = tta.ops.bn_calibrate_grouped(xr, mean, var, w, b, 0.0, 1e-5, 3)  # differentiable reference
     y.square().sum().backward()
@@ -408,3 +409,26 @@ def test_ghost_groups_of_the_layer_equal_separate_forwards(device, layout):
         layer.ghost_groups = 5
         batched = layer(x)
     torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or tta.ops.backend() != "cpp+cuda",
+                    reason="needs a CUDA GPU and tta._C built with CUDA")
+def test_an_error_raised_in_the_cuda_source_reaches_python():
+    """A TORCH_CHECK that fails inside csrc/cuda/ raises RuntimeError in Python. Run in a child
+    process: on one GPU machine such a failure aborted the interpreter instead, and an abort must
+    fail this test alone, not end the session."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, tta.ops\n"
+        "x = torch.zeros(6, 4, 3, 3, device='cuda'); m = torch.zeros(4, device='cuda'); v = torch.ones(4, device='cuda')\n"
+        "try:\n"
+        "    torch.ops.tta.bn_calibrate_grouped(x, m, v, None, None, 0.0, 1e-5, 4)\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', str(e).splitlines()[0])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "raised: " in proc.stdout and "not divisible" in proc.stdout, (
+        f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}")
