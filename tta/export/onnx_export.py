@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from tta.edge.metadata import ADAPTERS_BY_MODE, MODES, ExportMetadata
 from tta.errors import ConfigError, TTAError
 from tta.export.modules import FeatureExtractor, prepared_copy, to_alpha_bn, to_source_batchnorm
 from tta.export.ops import SUPPORTED_OPSETS, op_histogram, training_mode_batchnorms, unsupported_ops
-from tta.fileio import default_file_mode
+from tta.fileio import write_durable
 from tta.layers import replace_batchnorms
 
 DEFAULT_OPSET = 18
@@ -208,7 +207,7 @@ def export_onnx(
     proto.doc_string = f"tta {mode} export" + (f" of model card {card.name}" if card is not None else "")
     meta = dataclasses.replace(meta, graph_sha256=graph_sha256(proto.SerializeToString()))
     onnx.helper.set_model_props(proto, meta.to_props())
-    _save_atomic(proto, out)
+    write_durable(out, proto.SerializeToString())  # whole file or none; fsync; the umask's mode
     if graph_sha256(out.read_bytes()) != meta.graph_sha256:  # the edge recomputes it from the file
         out.unlink(missing_ok=True)
         raise ExportError(f"{out}: the saved graph does not hash to the recorded graph_sha256 (non-deterministic "
@@ -247,18 +246,6 @@ def _torch_export(module: nn.Module, example: torch.Tensor, out: Path, opset: in
                               verbose=False, **kwargs)
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {exc}") from exc
-
-
-def _save_atomic(proto: onnx.ModelProto, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; an export gets open()'s mode
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_graph(proto: onnx.ModelProto, opset: int) -> None:

@@ -13,28 +13,19 @@ from pathlib import Path
 import torch
 
 from tta.errors import DataNotFoundError
-from tta.fileio import default_file_mode
+from tta.fileio import write_durable
 
 
 def write_artifact(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], format: str,
                    metadata: Mapping[str, object] | None = None) -> Path:
     """Write `tensors` (moved to the CPU, contiguous) with ``{"format": format, **metadata}`` (values
-    as strings) to ``.<name>.tmp`` beside `path`, then rename it onto `path`: a reader never sees half
-    a file, and a failed write leaves the previous file in place."""
-    from safetensors.torch import save_file
+    as strings) through `tta.fileio.write_durable`: a reader never sees half a file, a failed write
+    leaves the previous file in place, and the file gets the umask's mode like any other."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": format, **{k: str(v) for k, v in (metadata or {}).items()}})
-        os.chmod(tmp, default_file_mode())  # safetensors writes 0600; an artefact is as readable as its card
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"format": format, **{k: str(v) for k, v in (metadata or {}).items()}})
+    return write_durable(path, blob)
 
 
 def read_artifact(path: str | os.PathLike[str], format: str, what: str,
