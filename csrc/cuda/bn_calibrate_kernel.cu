@@ -131,14 +131,11 @@ __device__ __forceinline__ void push_packs(Welford& w, const Pack<T, V> (&p)[kUn
   w.merge(cnt, pivot + md, m2);
 }
 
-// NCHW: block (c, split) reduces packs [split * per_split, +per_split) of channel c's N * Sv packs.
+// This thread's moments of channel c's packs [begin, end) (NCHW: N planes of Sv packs, plane stride
+// C * Sv), the block's threads taking every blockDim.x-th pack.
 template <typename scalar_t, int V>
-__global__ void moments_nchw_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t Sv, int64_t total,
-                                    int64_t per_split, float* __restrict__ part) {
-  const int64_t c = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-  x += static_cast<int64_t>(blockIdx.z) * total * C * V;  // ghost group z: its own batch slice
-  part += static_cast<int64_t>(blockIdx.z) * 3 * C * splits;
-  const int64_t begin = split * per_split, end = min(total, begin + per_split);
+__device__ __forceinline__ Welford thread_moments_nchw(const scalar_t* __restrict__ x, int64_t C, int64_t c,
+                                                       int64_t Sv, int64_t begin, int64_t end) {
   int64_t i = begin + threadIdx.x;
   PlaneCursor cur(i, blockDim.x, Sv);
   Welford w;
@@ -156,7 +153,18 @@ __global__ void moments_nchw_kernel(const scalar_t* __restrict__ x, int64_t C, i
     }
     push_packs<scalar_t, V>(w, p, valid);
   }
-  w = block_reduce(w);
+  return w;
+}
+
+// NCHW: block (c, split) reduces packs [split * per_split, +per_split) of channel c's N * Sv packs.
+template <typename scalar_t, int V>
+__global__ void moments_nchw_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t Sv, int64_t total,
+                                    int64_t per_split, float* __restrict__ part) {
+  const int64_t c = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  x += static_cast<int64_t>(blockIdx.z) * total * C * V;  // ghost group z: its own batch slice
+  part += static_cast<int64_t>(blockIdx.z) * 3 * C * splits;
+  const int64_t begin = split * per_split, end = min(total, begin + per_split);
+  Welford w = block_reduce(thread_moments_nchw<scalar_t, V>(x, C, c, Sv, begin, end));
   if (threadIdx.x == 0) {
     float* out = part + 3 * (c * splits + split);
     out[0] = w.n;
@@ -361,31 +369,14 @@ __global__ void __launch_bounds__(kFusedThreads)
   y += static_cast<int64_t>(blockIdx.z) * total * C * V;
   batch_mean += static_cast<int64_t>(blockIdx.z) * C;
   batch_var += static_cast<int64_t>(blockIdx.z) * C;
-  int64_t i = threadIdx.x;
-  PlaneCursor cur(i, blockDim.x, Sv);
-  Welford w;
-  while (i < total) {
-    Pack<scalar_t, V> p[kUnroll];
-    int valid = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i < total) {
-        p[u] = load_pack<scalar_t, V>(x, (cur.n * C + c) * Sv + cur.s);
-        ++valid;
-        i += blockDim.x;
-        cur.advance();
-      }
-    }
-    push_packs<scalar_t, V>(w, p, valid);
-  }
-  w = block_reduce(w);
+  const Welford w = block_reduce(thread_moments_nchw<scalar_t, V>(x, C, c, Sv, 0, total));
   if (threadIdx.x == 0) {
     st = finalize_channel(c, w, src_mean, src_var, weight, bias, running_mean, running_var, a, momentum, eps,
                           batch_mean, batch_var);
   }
   __syncthreads();
   const float scale = st.x, shift = st.y;
-  i = threadIdx.x;
+  int64_t i = threadIdx.x;
   PlaneCursor out(i, blockDim.x, Sv);
   for (; i < total; i += blockDim.x, out.advance()) {
     const int64_t pos = (out.n * C + c) * Sv + out.s;
@@ -581,16 +572,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_calibrate_update_cuda(
 
 
 // ---------------------------------------------------------------- backward
-// Per (channel, split): sum of g and of g * (x - m), m the mixed mean. Same slicing as the moments.
+// This thread's sums of g and g * (x - center) over channel c's packs [begin, end) (NCHW), the
+// block's threads taking every blockDim.x-th pack.
 template <typename scalar_t, int V>
-__global__ void grad_sums_nchw_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t C,
-                                      int64_t Sv, int64_t total, int64_t per_split,
-                                      const float* __restrict__ src_mean, const float* __restrict__ batch_mean,
-                                      float a, float* __restrict__ part) {
-  __shared__ float scratch[32];
-  const int64_t c = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-  const float center = a * src_mean[c] + (1.f - a) * batch_mean[c];
-  const int64_t begin = split * per_split, end = min(total, begin + per_split);
+__device__ __forceinline__ float2 thread_grad_sums_nchw(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
+                                                        int64_t C, int64_t c, int64_t Sv, int64_t begin, int64_t end,
+                                                        float center) {
   int64_t i = begin + threadIdx.x;
   PlaneCursor cur(i, blockDim.x, Sv);
   float sg = 0.f, sgx = 0.f;
@@ -620,8 +607,22 @@ __global__ void grad_sums_nchw_kernel(const scalar_t* __restrict__ gy, const sca
       }
     }
   }
-  sg = block_all_reduce<false>(sg, scratch);
-  sgx = block_all_reduce<false>(sgx, scratch);
+  return make_float2(sg, sgx);
+}
+
+// Per (channel, split): sum of g and of g * (x - m), m the mixed mean. Same slicing as the moments.
+template <typename scalar_t, int V>
+__global__ void grad_sums_nchw_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, int64_t C,
+                                      int64_t Sv, int64_t total, int64_t per_split,
+                                      const float* __restrict__ src_mean, const float* __restrict__ batch_mean,
+                                      float a, float* __restrict__ part) {
+  __shared__ float scratch[32];
+  const int64_t c = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const float center = a * src_mean[c] + (1.f - a) * batch_mean[c];
+  const int64_t begin = split * per_split, end = min(total, begin + per_split);
+  const float2 sums = thread_grad_sums_nchw<scalar_t, V>(gy, x, C, c, Sv, begin, end, center);
+  const float sg = block_all_reduce<false>(sums.x, scratch);
+  const float sgx = block_all_reduce<false>(sums.y, scratch);
   if (threadIdx.x == 0) {
     part[2 * (c * splits + split)] = sg;
     part[2 * (c * splits + split) + 1] = sgx;
@@ -790,43 +791,15 @@ __global__ void __launch_bounds__(kFusedThreads)
   __shared__ float3 k;
   const int64_t c = blockIdx.x;
   const float center = a * src_mean[c] + (1.f - a) * batch_mean[c];
-  int64_t i = threadIdx.x;
-  PlaneCursor cur(i, blockDim.x, Sv);
-  float sg = 0.f, sgx = 0.f;
-  while (i < total) {
-    Pack<scalar_t, V> g[kUnroll], v[kUnroll];
-    int valid = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i < total) {
-        const int64_t pos = (cur.n * C + c) * Sv + cur.s;
-        g[u] = load_pack<scalar_t, V>(gy, pos);
-        v[u] = load_pack<scalar_t, V>(x, pos);
-        ++valid;
-        i += blockDim.x;
-        cur.advance();
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (u < valid) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float gj = static_cast<float>(g[u].v[j]);
-          sg += gj;
-          sgx += gj * (static_cast<float>(v[u].v[j]) - center);
-        }
-      }
-    }
-  }
-  sg = block_all_reduce<false>(sg, scratch);
-  sgx = block_all_reduce<false>(sgx, scratch);
+  const float2 sums = thread_grad_sums_nchw<scalar_t, V>(gy, x, C, c, Sv, 0, total, center);
+  const float sg = block_all_reduce<false>(sums.x, scratch);
+  const float sgx = block_all_reduce<false>(sums.y, scratch);
   if (threadIdx.x == 0) {
     k = backward_channel(c, sg, sgx, src_var, weight, batch_mean, batch_var, a, eps, n, grad_weight, grad_bias);
   }
   __syncthreads();
   const float3 kk = k;
-  i = threadIdx.x;
+  int64_t i = threadIdx.x;
   PlaneCursor out(i, blockDim.x, Sv);
   for (; i < total; i += blockDim.x, out.advance()) {
     const int64_t pos = (out.n * C + c) * Sv + out.s;
