@@ -9,6 +9,8 @@ model card) this runs, side by side in one process with the same thread count:
 and reports per-method error, the argmax agreement between the two runtimes, and images/s.
 
     nice -n 10 .venv/bin/python bench/bench_edge.py --threads 1 --out bench/results/edge.json
+    python bench/bench_edge.py --device cuda --providers cuda --stream fmnist-c-recurring \
+        --n-per-domain 200        # GPU: PyTorch on CUDA vs onnxruntime's CUDA execution provider
 
 Throughput counts the adapter call only (not stream decoding); each runtime runs the same batches.
 """
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--export-dir", default=None)
+    parser.add_argument("--device", default="cpu", help="device of the PyTorch side (cpu, cuda)")
+    parser.add_argument("--providers", default="cpu",
+                        help="onnxruntime execution providers of the edge side: cpu, cuda, tensorrt or auto")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -109,16 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     feats, labels, memory_desc = source_memory(model, card, args.memory_size)
     npc_cfg = dict(k=100, temperature=0.1, beta=0.1, capacity=args.capacity)
 
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def edge_model(path: Path) -> EdgeModel:
+        return EdgeModel(path, args.providers, threads=args.threads, strict_providers=args.providers != "auto")
+
     runners = {
-        "source": (tta.adapt(load(card) if card else model, "source"),
-                   EdgeSource(EdgeModel(reports["frozen"].path, "cpu", threads=args.threads))),
-        "alpha-bn": (tta.adapt(load(card) if card else standin_model(), "alpha-bn", source_weight=args.source_weight),
-                     EdgeAlphaBN(EdgeModel(reports["alpha-bn"].path, "cpu", threads=args.threads))),
+        "source": (tta.adapt(load(card) if card else model, "source").to(device),
+                   EdgeSource(edge_model(reports["frozen"].path))),
+        "alpha-bn": (tta.adapt(load(card) if card else standin_model(), "alpha-bn",
+                               source_weight=args.source_weight).to(device),
+                     EdgeAlphaBN(edge_model(reports["alpha-bn"].path))),
     }
-    torch_npc = tta.adapt(load(card) if card else standin_model(), "adanpc", **npc_cfg)
-    torch_npc.set_source_memory(feats, labels, 10)
-    edge_npc = EdgeAdaNPC(EdgeModel(reports["features"].path, "cpu", threads=args.threads), feats.numpy(),
-                          labels.numpy(), **npc_cfg)
+    providers_used = runners["source"][1].model.providers
+    torch_npc = tta.adapt(load(card) if card else standin_model(), "adanpc", **npc_cfg).to(device)
+    torch_npc.set_source_memory(feats.to(device), labels.to(device), 10)
+    edge_npc = EdgeAdaNPC(edge_model(reports["features"].path), feats.numpy(), labels.numpy(), **npc_cfg)
     runners["adanpc"] = (torch_npc, edge_npc)
 
     spec = load_spec(args.stream or DEFAULT_SPEC)
@@ -130,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         x_np = x.numpy()
         n_images += x.shape[0]
         for name, (torch_adapter, edge_adapter) in runners.items():
+            sync()
             t = time.perf_counter()
             with torch.no_grad():
-                pt = torch_adapter(x).argmax(1).numpy()
+                pt = torch_adapter(x.to(device)).argmax(1).cpu().numpy()
             t1 = time.perf_counter()
             pe = edge_adapter(x_np).argmax(1)
             t2 = time.perf_counter()
@@ -146,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "model": card or "stand-in: resnet20, random conv weights, BN recalibrated on 4000 FMNIST train images",
         "stream": spec.name, "images": n_images, "batch_size": stream.batch_size if hasattr(stream, "batch_size") else None,
-        "threads": args.threads, "source_weight": args.source_weight, "adanpc": {**npc_cfg, "memory": memory_desc},
+        "threads": args.threads, "device": str(device), "edge_providers": providers_used,
+        "source_weight": args.source_weight, "adanpc": {**npc_cfg, "memory": memory_desc},
         "export_s": round(export_s, 1), "adanpc_memory_rows_end": {"torch": torch_npc.memory.size, "edge": len(edge_npc)},
         "export_max_abs_diff": {k: r.max_abs_diff for k, r in reports.items()},
         "methods": {},
@@ -159,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             "edge_speedup": s["torch_s"] / s["edge_s"],
         }
     print(json.dumps(results, indent=2))
-    print(f"\n| method | agreement | error % torch / edge | img/s PyTorch CPU | img/s onnxruntime CPU | ratio |")
+    print(f"\n| method | agreement | error % torch / edge | img/s PyTorch ({device}) | "
+          f"img/s onnxruntime ({', '.join(providers_used)}) | ratio |")
     print("|---|---|---|---|---|---|")
     for name, r in results["methods"].items():
         print(f"| {name} | {100 * r['agreement']:.3f}% ({r['disagreements']} of {n_images}) | "

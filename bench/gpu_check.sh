@@ -7,6 +7,8 @@
 #   OUT=runs/gpu TRAIN_VIT=1 TTA_FASHION_MNIST_DIR=... bash bench/gpu_check.sh
 #   ADAPTERS=0 skips the last stage (adapter steps vs source forward, twice: compiled ops and torch ops);
 #   R50_BREAKDOWN=0 the resnet50 CoTTA phase breakdown; R50_MODES=fast_v4,fast_v8 adds bench_cotta modes.
+#   ORT_WHEEL=path/to/onnxruntime_gpu-*.whl replaces the machine's onnxruntime by it and runs the edge
+#   runtime on the CUDA execution provider against PyTorch on the GPU (bench/bench_edge.py).
 #
 # Nothing is installed: the build goes next to the sources (tta/_C*.so) and PYTHONPATH points here.
 # Pure-Python dependencies the machine lacks (platformdirs, ...) can sit as wheels in $WHEELS (default
@@ -129,6 +131,13 @@ if [ "${R50_BREAKDOWN:-1}" = 1 ]; then
 stage "CoTTA on the GPU: resnet50 fast path, time per phase (--breakdown)"
 timeout 120 $PY bench/bench_cotta.py --device cuda --model timm:resnet50 --classes 1000 --batch 64 --size 224 \
   --views 32 --batches 3 --breakdown 2>&1 | log
+fi
+if [ -n "${ORT_WHEEL:-}" ]; then
+stage "edge runtime on onnxruntime-gpu (CUDA execution provider) vs PyTorch on the GPU"
+{ $PY -m pip uninstall -y -q onnxruntime; $PY -m pip install -q --no-deps --no-index "$ORT_WHEEL" \
+  && $PY -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())" \
+  && timeout 240 $PY bench/bench_edge.py --device cuda --providers cuda --stream fmnist-c-recurring \
+    --n-per-domain 100 --threads 4; } 2>&1 | grep -v '^    ' | log
 fi
 if [ "${ADAPTERS:-1}" = 1 ]; then
 stage "adapter step vs source forward on the GPU (default card, batch 200): compiled ops, then TTA_DISABLE_C=1"

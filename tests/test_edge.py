@@ -219,6 +219,39 @@ def test_tensorrt_provider_gets_engine_cache_and_fp16_options():
                                                   "trt_engine_cache_path": "/tmp/cache"}), "CPUExecutionProvider"]
 
 
+def test_gpu_libraries_are_preloaded_once_for_a_gpu_provider_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(providers_mod, "_PRELOADED", False)
+    monkeypatch.setattr(providers_mod.ort, "preload_dlls", lambda: calls.append(1), raising=False)
+    providers_mod.preload_gpu_libraries(["CPUExecutionProvider"])
+    assert calls == []
+    providers_mod.preload_gpu_libraries(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    providers_mod.preload_gpu_libraries(["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    assert calls == [1]  # once per process
+
+    def broken():
+        raise OSError("libcudnn.so.9: cannot open shared object file")
+
+    monkeypatch.setattr(providers_mod, "_PRELOADED", False)
+    monkeypatch.setattr(providers_mod.ort, "preload_dlls", broken, raising=False)
+    with pytest.warns(ProviderFallbackWarning, match="libcudnn"):
+        providers_mod.preload_gpu_libraries(["CUDAExecutionProvider"])
+
+
+def test_a_gpu_provider_that_does_not_start_warns_or_raises_when_strict(exports, monkeypatch):
+    """The build lists CUDA but the session starts on the CPU (e.g. cuDNN missing): a warning, or
+    `ProviderError` with strict_providers, never a silent CPU run."""
+    import tta.edge.model as model_mod
+
+    monkeypatch.setattr(model_mod, "select_providers", lambda *a, **k: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(model_mod, "preload_gpu_libraries", lambda providers: None)
+    monkeypatch.setattr(model_mod, "with_options", lambda providers, fp16, cache: ["CPUExecutionProvider"])
+    with pytest.warns(ProviderFallbackWarning, match="could not start"):
+        assert EdgeModel(exports["frozen"], "cuda").providers == ["CPUExecutionProvider"]
+    with pytest.raises(ProviderError, match="could not start"):
+        EdgeModel(exports["frozen"], "cuda", strict_providers=True)
+
+
 def test_both_onnxruntime_packages_installed_is_an_error(monkeypatch):
     monkeypatch.setattr(providers_mod.metadata, "version", lambda name: "1.0")
     with pytest.raises(ProviderError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):

@@ -13,11 +13,12 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from tta.edge.errors import InvalidInputError, MetadataError, ModelFileError
+from tta.edge.errors import InvalidInputError, MetadataError, ModelFileError, ProviderError
 from tta.edge.integrity import graph_sha256
 from tta.edge.metadata import ExportMetadata
 from tta.edge.providers import (
-    PROVIDERS, ProviderFallbackWarning, check_onnxruntime_install, select_providers, with_options,
+    PROVIDERS, ProviderFallbackWarning, check_onnxruntime_install, preload_gpu_libraries, select_providers,
+    with_options,
 )
 from tta.errors import BatchTooSmallError, NonFiniteInputError
 
@@ -50,6 +51,7 @@ class EdgeModel:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         chosen = select_providers(providers, strict=strict_providers)
+        preload_gpu_libraries(chosen)
         data = self.path.read_bytes()
         try:
             cache = os.fspath(trt_cache_dir) if trt_cache_dir is not None else str(self.path.parent / ".trt_cache")
@@ -62,6 +64,9 @@ class EdgeModel:
             ) from exc
         active = self.session.get_providers()
         if active and chosen and active[0] != chosen[0]:
+            if strict_providers:
+                raise ProviderError(f"{chosen[0]} could not start for {self.path.name} (missing GPU libraries?); "
+                                    f"onnxruntime runs {active[0]}")
             warnings.warn(
                 f"{chosen[0]} could not start for {self.path.name} (missing GPU libraries?); running on {active[0]}",
                 ProviderFallbackWarning, stacklevel=2,

@@ -86,6 +86,26 @@ def select_providers(requested: str | Sequence[str] = "auto", available: Sequenc
     return [PROVIDERS[p] for p in chosen]
 
 
+_PRELOADED = False
+
+
+def preload_gpu_libraries(providers: Sequence[str]) -> None:
+    """Before the first GPU session: ``onnxruntime.preload_dlls()`` (onnxruntime-gpu >= 1.21), which
+    loads the CUDA and cuDNN libraries from PyTorch when it is imported, else from the ``nvidia-*``
+    pip packages (``pip install "onnxruntime-gpu[cuda,cudnn]"``), so the CUDA provider starts without
+    LD_LIBRARY_PATH. Once per process; a failure is a warning (the session then reports what runs)."""
+    global _PRELOADED
+    gpu = {PROVIDERS["cuda"], PROVIDERS["tensorrt"]}
+    if _PRELOADED or not gpu.intersection(providers) or not hasattr(ort, "preload_dlls"):
+        return
+    _PRELOADED = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 - the session start below reports the consequence
+        warnings.warn(f"onnxruntime.preload_dlls() failed ({type(exc).__name__}: {exc}); the CUDA provider may not "
+                      "start", ProviderFallbackWarning, stacklevel=3)
+
+
 def with_options(providers: Sequence[str], fp16: bool = False,
                  trt_cache_dir: str | None = None) -> list[str | tuple[str, dict[str, str]]]:
     """onnxruntime `providers=` entries: the TensorRT provider gets its engine cache (so a device
