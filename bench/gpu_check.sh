@@ -82,6 +82,20 @@ timeout 300 $PY -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rfE \
 echo "pytest exit $?" | log
 grep -E "^(FAILED|ERROR)|Fatal Python error|passed|failed" "$OUT/cuda_tests.txt" | tail -30 | log
 
+stage "errors raised inside the compiled library reach Python (CPU source, then CUDA source; child processes)"
+for dev in cpu cuda; do
+  timeout 60 $PY -c "
+import torch, tta.ops
+x = torch.zeros(6, 4, 3, 3, device='$dev'); m = torch.zeros(4, device='$dev'); v = torch.ones(4, device='$dev')
+try:
+    torch.ops.tta.bn_calibrate_grouped(x, m, v, None, None, 0.0, 1e-5, 4)
+except RuntimeError as e:
+    print('$dev: raised', str(e).splitlines()[0])" >/tmp/tta-err.txt 2>&1
+  echo "$dev: exit $?; $(tail -c 600 /tmp/tta-err.txt)" | log
+done
+{ echo "CXX=${CXX:-} CC=${CC:-}; g++: $(command -v g++) $(g++ -dumpfullversion 2>/dev/null)"
+  ldd tta/_C*.so | grep -E "stdc\+\+|gcc_s|c10|torch_cpu"; } 2>&1 | log
+
 stage "which call of the input checks synchronises (sync debug mode as errors, with the stack)"
 timeout 60 $PY - <<'PYEOF' 2>&1 | tail -25 | log
 import traceback, warnings, torch
