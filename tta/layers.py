@@ -13,7 +13,7 @@ running variance (unbiased), exactly as a source model in eval mode uses it.
 
 ``ghost_groups = G`` splits the batch into G equal chunks and normalises each with its own batch
 statistics, so one forward over G stacked views equals G separate forwards (CoTTA's batched
-augmentation views).
+augmentation views); `tta.ops.bn_calibrate_grouped` does it in one call (a compiled kernel on GPUs).
 """
 
 from __future__ import annotations

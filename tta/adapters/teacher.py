@@ -87,9 +87,8 @@ class AugmentedTeacherConfig(TeacherConfig):
         ``contiguous`` (NCHW) or ``auto`` = channels_last for 4-D images on every device. On CPUs
         oneDNN's convolutions run NHWC natively (1.24x faster CoTTA steps for ResNet-20, B=200,
         N=32 on the 2-core box, outputs within 3e-6 of NCHW); on an H200 cuDNN's TF32
-        convolutions and the ghost-BN reductions are faster on it too (CoTTA steps 1.21x faster
-        for the ResNet-20 card, B=200, N=32; 1.25x for resnet50 at 224 px, B=64, N=32;
-        BENCHMARKS.md "GPU"). Default ``contiguous`` (ViDA and VDP: the values they gave before the
+        convolutions are faster on it too (CoTTA steps 1.21-1.25x faster for the ResNet-20 card,
+        B=200, N=32; 1.15-1.26x for resnet50 at 224 px, B=64, N=32; BENCHMARKS.md "GPU"). Default ``contiguous`` (ViDA and VDP: the values they gave before the
         views were shared); CoTTA's default ``auto``.
     """
 
