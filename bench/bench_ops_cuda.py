@@ -73,6 +73,17 @@ def cuda_time(fn, iters: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def bn_inputs(shape, layout: str = "nchw", dtype=torch.float32):
+    """A random CUDA batch (NCHW or channels_last) and per-channel statistics and affine (fp32)."""
+    x = torch.randn(shape, device="cuda").to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
+    w, b = torch.rand(c, device="cuda"), torch.randn(c, device="cuda")
+    return x, rm, rv, w, b
+
+
 def composite_bn(x, rm, rv, w, b, a, eps):
     var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], unbiased=False)
     return F.batch_norm(x, a * rm + (1 - a) * mean, a * rv + (1 - a) * var, w, b, False, 0.0, eps)
@@ -93,12 +104,7 @@ def bn_cases(args):
                 name += "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
 
                 def run(shape=shape, layout=layout, dtype=dtype):
-                    x = torch.randn(shape, device="cuda").to(dtype)
-                    if layout == "cl":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    c = shape[1]
-                    rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
-                    w, b = torch.rand(c, device="cuda"), torch.randn(c, device="cuda")
+                    x, rm, rv, w, b = bn_inputs(shape, layout, dtype)
                     with torch.no_grad():
                         op = lambda: tta.ops.bn_calibrate(x, rm, rv, w, b, 0.9, 1e-5)  # noqa: E731
                         # the composite in fp32 with one rounding: what the op computes
@@ -159,12 +165,7 @@ def bn_grouped_cases(args):
         for layout in ("nchw", "cl"):
 
             def run(shape=shape, groups=groups, layout=layout):
-                x = torch.randn(shape, device="cuda")
-                if layout == "cl":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                c = shape[1]
-                rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
-                w, b = torch.rand(c, device="cuda"), torch.randn(c, device="cuda")
+                x, rm, rv, w, b = bn_inputs(shape, layout)
                 with torch.no_grad():
                     op = lambda: tta.ops.bn_calibrate_grouped(x, rm, rv, w, b, 0.0, 1e-5, groups)  # noqa: E731
                     comp = lambda: reference.bn_calibrate_grouped(x, rm, rv, w, b, 0.0, 1e-5, groups)  # noqa: E731

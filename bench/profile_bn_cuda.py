@@ -22,17 +22,13 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import tta.ops
+from bench_ops_cuda import bn_inputs  # this folder is on sys.path when the script runs
 
 SHAPES = ["200x16x32x32", "200x64x8x8", "64x256x14x14", "64x64x56x56", "256x64x56x56"]
 
 
 def case(shape: tuple[int, ...], layout: str, train: bool, fused: bool):
-    c = shape[1]
-    x = torch.randn(shape, device="cuda")
-    if layout == "cl":
-        x = x.contiguous(memory_format=torch.channels_last)
-    rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
-    w, b = torch.rand(c, device="cuda"), torch.randn(c, device="cuda")
+    x, rm, rv, w, b = bn_inputs(shape, layout)
     if not train:
         if fused:
             return lambda: tta.ops.bn_calibrate(x, rm, rv, w, b, 0.9, 1e-5)
