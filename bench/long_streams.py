@@ -18,6 +18,7 @@ repeated, so an interrupted soak resumes. `--report` (or the end of a run) reads
         --variants plain,guard,reset --out runs/recurring            # 300,000 images per run
     python bench/long_streams.py --out runs/recurring --report      # tables only
     python bench/long_streams.py --stream fmnist-ccc-medium --stream-set length=300000 ...
+    python bench/long_streams.py --device cuda --jobs 4 --threads 4 --adapters cotta,vida,vdp ...  # a GPU machine
 
 Variants: plain (the spec's policy, never reset), guard (default `GuardConfig`, or --guard-set),
 reset (every `--reset-every` batches: RDumb's 1,000 steps by default).
@@ -96,7 +97,7 @@ def run_one(args: argparse.Namespace) -> int:
     reset = args.reset_every if variant == "reset" else None
     rss_start = rss_mb()
     sampler = RssSampler()
-    result = run_stream(adapter, stream, device="cpu", reset=reset, guard=guard, progress=False, seed=spec.seed,
+    result = run_stream(adapter, stream, device=args.device, reset=reset, guard=guard, progress=False, seed=spec.seed,
                         log=lambda line: print(f"[{name}/{variant}] {line}", flush=True))
     samples = sampler.stop()
     windows = result.windows(args.window)
@@ -117,7 +118,7 @@ def run_one(args: argparse.Namespace) -> int:
         "rss_mb": {"start": rss_start, "after_first_window": after_warmup[0] if after_warmup else None,
                    "end": rss_mb(), "max": max([m for _, m in samples], default=rss_start)},
         "rss_samples": samples[:: max(1, len(samples) // 400)],
-        "config": adapter.config.to_dict(), "threads": args.threads, "window": args.window,
+        "config": adapter.config.to_dict(), "threads": args.threads, "device": args.device, "window": args.window,
         "command": " ".join(sys.argv),
     }
     Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
@@ -255,6 +256,10 @@ def main() -> int:
     p.add_argument("--reset-every", type=int, default=1000, help="batches between resets of the reset variant")
     p.add_argument("--window", type=int, default=10_000, help="images per window")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="device of the adapter (cpu, cuda); the stream is generated "
+                   "on the CPU")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (child processes; e.g. several runs sharing "
+                   "one GPU, each with --threads of the CPU cores)")
     p.add_argument("--out", required=True)
     p.add_argument("--report", action="store_true", help="only print the tables of the runs in --out")
     p.add_argument("--baseline", default=None, help="comparator adapter (default: bn, else source)")
@@ -268,11 +273,25 @@ def main() -> int:
         return run_one(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     if not args.report:
         variants = [v for v in args.variants.split(",") if v]
         unknown = set(variants) - set(VARIANTS)
         if unknown:
             p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+        running: list[tuple[str, subprocess.Popen, float]] = []
+
+        def wait_for(slots: int) -> None:
+            """Block until at most `slots` runs are still going, reporting the ones that ended."""
+            while len(running) > slots:
+                for item in list(running):
+                    label, proc, t0 = item
+                    if proc.poll() is not None:
+                        running.remove(item)
+                        print(f"== {label}: exit {proc.returncode}, {time.perf_counter() - t0:.0f} s", flush=True)
+                time.sleep(0.5)
+
         for name in [a.strip() for a in args.adapters.split(",") if a.strip()]:
             for variant in variants:
                 if name in GRADIENT_FREE and variant != "plain":
@@ -284,7 +303,7 @@ def main() -> int:
                     continue
                 cmd = [sys.executable, __file__, "--stream", args.stream, "--adapter", name, "--variant", variant,
                        "--json", str(target), "--window", str(args.window), "--threads", str(args.threads),
-                       "--reset-every", str(args.reset_every), "--out", str(out)]
+                       "--reset-every", str(args.reset_every), "--device", args.device, "--out", str(out)]
                 for flag, values in (("--stream-set", args.stream_set), ("--set", args.assignments),
                                      ("--guard-set", args.guard_set)):
                     for v in values:
@@ -295,10 +314,10 @@ def main() -> int:
                     cmd += ["--model", args.model]
                 if args.tag:
                     cmd += ["--tag", args.tag]
-                t0 = time.perf_counter()
+                wait_for(args.jobs - 1)
                 print(f"== {name} / {variant}", flush=True)
-                rc = subprocess.call(cmd)
-                print(f"== {name} / {variant}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
+                running.append((f"{name} / {variant}", subprocess.Popen(cmd), time.perf_counter()))
+        wait_for(0)
     print(report(out, args.baseline))
     return 0
 
