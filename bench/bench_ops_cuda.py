@@ -125,6 +125,18 @@ def bandwidth(t_op: float, t_comp: float, x: torch.Tensor, kind: str, peak_gbs: 
     return {"op_ms": t_op, "composite_ms": t_comp, "bytes": nbytes, "op_gbs": gbs, "pct_peak": 100.0 * gbs / peak_gbs}
 
 
+def bn_train_step(x, rm, rv, w, b, gy, fused: bool):
+    """One forward with batch statistics + backward of `gy`: the op (fused backward) or
+    `F.batch_norm(training=True)`; returns the gradients of x, w and b."""
+    if fused:
+        y = tta.ops.bn_calibrate(x, rm, rv, w, b, 0.0, 1e-5)
+    else:
+        y = F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
+    x.grad = w.grad = b.grad = None
+    y.backward(gy)
+    return x.grad, w.grad, b.grad
+
+
 def bn_train_cases(args):
     for shape in BN_SHAPES:
 
@@ -137,13 +149,7 @@ def bn_train_cases(args):
             gy = torch.randn(shape, device="cuda")
 
             def step(fused: bool):
-                if fused:
-                    y = tta.ops.bn_calibrate(x, rm, rv, w, b, 0.0, 1e-5)
-                else:
-                    y = F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
-                x.grad = w.grad = b.grad = None
-                y.backward(gy)
-                return x.grad, w.grad, b.grad
+                return bn_train_step(x, rm, rv, w, b, gy, fused)
 
             for got, want in zip(step(True), step(False)):
                 torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
