@@ -98,7 +98,8 @@ def run_one(args: argparse.Namespace) -> int:
     rss_start = rss_mb()
     sampler = RssSampler()
     result = run_stream(adapter, stream, device=args.device, reset=reset, guard=guard, progress=False, seed=spec.seed,
-                        log=lambda line: print(f"[{name}/{variant}] {line}", flush=True))
+                        log=lambda line: print(f"[{name}/{variant}] {line}", flush=True),
+                        trim_heap_every=args.trim_heap_every)
     samples = sampler.stop()
     windows = result.windows(args.window)
     ends = [0.0]
@@ -114,6 +115,8 @@ def run_one(args: argparse.Namespace) -> int:
         "resets": result.resets, "nonfinite_outputs": result.nonfinite_outputs,
         "skipped_nonfinite_loss": result.skipped_nonfinite_loss,
         "guard_events": result.guard_events, "guard": result.guard, "guard_seconds": result.guard_seconds,
+        "heap_trims": result.heap_trims, "heap_trim_seconds": result.heap_trim_seconds,
+        "trim_heap_every": args.trim_heap_every,
         "windows": windows,
         "rss_mb": {"start": rss_start, "after_first_window": after_warmup[0] if after_warmup else None,
                    "end": rss_mb(), "max": max([m for _, m in samples], default=rss_start)},
@@ -256,6 +259,8 @@ def main() -> int:
     p.add_argument("--reset-every", type=int, default=1000, help="batches between resets of the reset variant")
     p.add_argument("--window", type=int, default=10_000, help="images per window")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--trim-heap-every", type=int, default=100, metavar="N",
+                   help="heap trims every N batches (tta.engine.heap; 0 = never, the behaviour before trimming)")
     p.add_argument("--device", default="cpu", help="device of the adapter (cpu, cuda); the stream is generated "
                    "on the CPU")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (child processes; e.g. several runs sharing "
@@ -303,7 +308,8 @@ def main() -> int:
                     continue
                 cmd = [sys.executable, __file__, "--stream", args.stream, "--adapter", name, "--variant", variant,
                        "--json", str(target), "--window", str(args.window), "--threads", str(args.threads),
-                       "--reset-every", str(args.reset_every), "--device", args.device, "--out", str(out)]
+                       "--reset-every", str(args.reset_every), "--device", args.device, "--out", str(out),
+                       "--trim-heap-every", str(args.trim_heap_every)]
                 for flag, values in (("--stream-set", args.stream_set), ("--set", args.assignments),
                                      ("--guard-set", args.guard_set)):
                     for v in values:

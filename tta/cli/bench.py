@@ -117,7 +117,8 @@ def bench(args: argparse.Namespace) -> int:
                 if realtime is not None:  # the time unit: a forward of the source model, in this adapter's run
                     realtime = parse_realtime(args, source=load_model(args), adapter=name)
                 results[name] = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
-                                           realtime=realtime, progress=args.progress, seed=seed, log=logger.info)
+                                           realtime=realtime, progress=args.progress, seed=seed, log=logger.info,
+                                           trim_heap_every=args.trim_heap_every)
             except Exception as exc:  # noqa: BLE001 - one adapter's failure must not cost the others' results
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 logger.error(f"[{name}] failed: {failed[name]}", exc_info=out is not None and not isinstance(exc, TTAError))

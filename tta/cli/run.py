@@ -63,6 +63,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "real-time run exactly, e.g. with the costs of a previous results.json); repeatable")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    parser.add_argument("--trim-heap-every", type=int, default=100, metavar="N",
+                        help="give freed heap memory back to the system every N batches, so the resident memory of "
+                             "a long stream stays flat (glibc malloc_trim; 0 = never; default 100)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the stream order and of torch (default: the spec's)")
     parser.add_argument("--data-dir", default=None, help="data root holding the spec's data folder")
     parser.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.csv, results.png here")
@@ -322,7 +325,8 @@ def _run_stream(args: argparse.Namespace, adapter: Any, spec: Any, stream: Any, 
                 f"({len(stream.domains)} domains, {sum(stream.domain_sizes.values())} images), preset {preset}, "
                 f"seed {seed}")
     result = run_stream(adapter, stream, device=args.device, amp=args.amp, reset=reset, guard=guard,
-                        realtime=realtime, progress=args.progress, seed=seed, log=logger.info)
+                        realtime=realtime, progress=args.progress, seed=seed, log=logger.info,
+                        trim_heap_every=args.trim_heap_every)
     logger.info(f"{result.images} images, {result.images_per_s:.1f} images/s, latency p50 {result.latency_ms_p50:.1f} ms "
                 f"p95 {result.latency_ms_p95:.1f} ms, {result.steps} adaptation steps on {result.device}")
     if out is not None:

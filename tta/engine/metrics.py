@@ -29,6 +29,7 @@ class RunResult:
     nonfinite_outputs: batches whose outputs held NaN/Inf (a healthy run has 0).
     guard_events: what the collapse guard did (`tta.engine.guard`): batch, action, reason, signals;
         guard: its settings and counts (None without a guard); guard_seconds: time spent in it.
+    heap_trims / heap_trim_seconds: heap trims made (`tta.engine.heap`) and the time they took.
     realtime: the real-time protocol's settings, costs and counts (`RealtimeSchedule.summary`:
         ``adapted_fraction`` of the batches), None without it.
     trace: images, correct predictions and elapsed seconds per batch (`windows()` groups them).
@@ -59,6 +60,8 @@ class RunResult:
     guard_events: list[dict[str, Any]] = field(default_factory=list)
     guard: dict[str, Any] | None = None
     guard_seconds: float = 0.0
+    heap_trims: int = 0
+    heap_trim_seconds: float = 0.0
     realtime: dict[str, Any] | None = None
     trace: "BatchTrace | None" = field(default=None, repr=False)
     predictions: torch.Tensor | None = field(default=None, repr=False)

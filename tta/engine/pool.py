@@ -20,6 +20,7 @@ import torch
 from tta.adapters.base import Adapter, read_state
 from tta.adapters.state import DIGEST_KEY
 from tta.engine.adapted_state import adapted_state, frozen_names, load_adapted
+from tta.engine.heap import DEFAULT_TRIM_EVERY, HeapTrimmer
 from tta.engine.runner import autocast, resolve_amp, resolve_device
 from tta.engine.store import FolderStateStore, StateStore, stream_key
 from tta.errors import ConfigError, InvalidInputError, StateMismatchError, StreamRemovedError
@@ -55,6 +56,9 @@ class StreamPool:
     `remove(id)` waits for a running call on that stream to finish, then forgets the stream (and its
     stored state); calls that were queued behind it raise `StreamRemovedError` instead of adapting a
     state that no longer exists. A later call with the same id starts a new stream.
+
+    `trim_heap_every`: every N steps (over all streams) the freed heap memory goes back to the system
+    (`tta.engine.heap`), so a long-running pool's resident memory stays flat; 0 or None = never.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class StreamPool:
         amp: bool | str = False,
         max_streams: int | None = None,
         store: StateStore | None = None,
+        trim_heap_every: int | None = DEFAULT_TRIM_EVERY,
     ) -> None:
         if not isinstance(adapter, Adapter):
             raise InvalidInputError(f"StreamPool needs a tta Adapter (tta.adapt(...)), got {type(adapter).__name__}")
@@ -73,6 +78,7 @@ class StreamPool:
             raise ConfigError(f"max_streams must be an integer >= 1 or None, got {max_streams!r}")
         if store is not None and not isinstance(store, StateStore):
             raise ConfigError(f"store must be a tta.engine.StateStore, got {type(store).__name__}")
+        self._trimmer = HeapTrimmer(trim_heap_every)
         self.device = resolve_device(device)
         self._amp = resolve_amp(amp, self.device)
         self.template = adapter.to(self.device)
@@ -188,6 +194,7 @@ class StreamPool:
         finally:
             entry.lock.release()
         self._evict_idle()
+        self._trimmer.tick()
         return out
 
     def reset(self, stream_id: Hashable) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tta.engine.guard import CollapseGuard, GuardConfig
+from tta.engine.heap import DEFAULT_TRIM_EVERY, HeapTrimmer
 from tta.engine.metrics import BatchTrace, ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
 from tta.engine.realtime import RealtimeConfig, RealtimeSchedule, as_realtime_config
@@ -84,6 +85,7 @@ def run_stream(
     guard: GuardConfig | bool | None = None,
     realtime: RealtimeConfig | str | float | None = None,
     log: Callable[[str], None] | None = None,
+    trim_heap_every: int | None = DEFAULT_TRIM_EVERY,
 ) -> RunResult:
     """Predict-and-adapt on every batch of `stream`; returns per-domain error and speed metrics.
 
@@ -113,12 +115,16 @@ def run_stream(
         the reference CTTA library (mariodoebler/test-time-adaptation) writes them:
         ``fashion-mnist-c error % [fog5][#samples=2000]: 65.50%`` (the stream's `dataset` and
         `domain_labels`, set by stream specs, give the dataset and the corruption+severity label).
+    trim_heap_every: return freed heap memory to the system every N batches (glibc's
+        ``malloc_trim``; `tta.engine.heap`), so the resident memory of an unbounded stream stays flat
+        when the step's tensor sizes vary; 0 or None = never.
     """
     reset = check_reset(getattr(stream, "reset", "never") if reset is None else reset)
     if on_nonfinite not in ("skip", "raise"):
         raise ConfigError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
     if prefetch < 0:
         raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
+    trimmer = HeapTrimmer(trim_heap_every)
     if reset != "never" and not callable(getattr(adapter, "reset", None)):
         raise ConfigError(f"reset={reset!r} needs an adapter with reset(); {type(adapter).__name__} has none")
     if seed is not None:
@@ -225,6 +231,7 @@ def run_stream(
                         + ", ".join(f"{key} {v:.3f}" for key, v in event["signals"].items()) + ")")
             batches += 1
             images += n
+            trimmer.tick()
 
             correct = -1
             if batch.y is not None:
@@ -309,6 +316,8 @@ def run_stream(
         guard_events=list(watcher.events) if watcher is not None else [],
         guard=watcher.summary() if watcher is not None else None,
         guard_seconds=guard_seconds,
+        heap_trims=trimmer.trims,
+        heap_trim_seconds=trimmer.seconds,
         realtime=schedule.summary() if schedule is not None else None,
         trace=trace,
         predictions=torch.cat(predictions) if keep_predictions and predictions else None,
