@@ -64,8 +64,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--trim-heap-every", type=int, default=100, metavar="N",
-                        help="give freed heap memory back to the system every N batches, so the resident memory of "
-                             "a long stream stays flat (glibc malloc_trim; 0 = never; default 100)")
+                        help="give freed heap memory back to the system every N batches (less resident memory on "
+                             "long streams; glibc malloc_trim; 0 = never; default 100)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the stream order and of torch (default: the spec's)")
     parser.add_argument("--data-dir", default=None, help="data root holding the spec's data folder")
     parser.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.csv, results.png here")

@@ -58,7 +58,7 @@ class StreamPool:
     state that no longer exists. A later call with the same id starts a new stream.
 
     `trim_heap_every`: every N steps (over all streams) the freed heap memory goes back to the system
-    (`tta.engine.heap`), so a long-running pool's resident memory stays flat; 0 or None = never.
+    (`tta.engine.heap`), so a long-running pool holds less of the memory it freed; 0 or None = never.
     """
 
     def __init__(

@@ -116,8 +116,8 @@ def run_stream(
         ``fashion-mnist-c error % [fog5][#samples=2000]: 65.50%`` (the stream's `dataset` and
         `domain_labels`, set by stream specs, give the dataset and the corruption+severity label).
     trim_heap_every: return freed heap memory to the system every N batches (glibc's
-        ``malloc_trim``; `tta.engine.heap`), so the resident memory of an unbounded stream stays flat
-        when the step's tensor sizes vary; 0 or None = never.
+        ``malloc_trim``; `tta.engine.heap`): less resident memory on long streams whose step tensor
+        sizes vary (ROID, DeYO, EATA, SAR); 0 or None = never.
     """
     reset = check_reset(getattr(stream, "reset", "never") if reset is None else reset)
     if on_nonfinite not in ("skip", "raise"):
