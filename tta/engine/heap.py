@@ -18,33 +18,29 @@ does nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 import time
 from collections.abc import Callable
 
-from ..errors import ConfigError
+from tta.errors import ConfigError
 
-#: batches between two trims in `run_stream` and `StreamPool` (a trim costs a few milliseconds)
+#: batches between two trims in `run_stream` and `StreamPool` (one trim of a ~2 GiB CPU process
+#: took ~0.16 s in the ROID soak run: 0.2% of the run at this interval)
 DEFAULT_TRIM_EVERY = 100
 
-_UNSET = object()
-_trim_fn: Callable[[int], int] | None | object = _UNSET
 
-
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
-    global _trim_fn
-    if _trim_fn is _UNSET:
-        fn = None
-        try:
-            fn = getattr(ctypes.CDLL(None), "malloc_trim", None)
-        except OSError:
-            fn = None
-        if fn is not None:
-            fn.argtypes = [ctypes.c_size_t]
-            fn.restype = ctypes.c_int
-        _trim_fn = fn
-    return _trim_fn  # type: ignore[return-value]
+    """glibc's ``malloc_trim``, or None where the C library has none (looked up once)."""
+    try:
+        fn = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_size_t]
+        fn.restype = ctypes.c_int
+    return fn
 
 
 def trim_heap() -> bool:
