@@ -161,6 +161,8 @@ def test_unreadable_video_and_missing_camera(tmp_path, capsys):
     (["export", "onnx", "--out", "{dir}", "--real-images", "0"], "is a folder, a file name is needed"),
     (["export", "onnx", "--model", "ghost", "--out", "{dir}/x.onnx"], "unknown model card 'ghost'"),
     (["train-source", "--out", "{file}/t", "--limit-train", "10"], "exists and is not a folder"),
+    (["run", "--adapter", "bn", "--trim-heap-every", "-1"], "--trim-heap-every must be >= 0 (0 = never), got -1"),
+    (["bench", "--adapters", "bn", "--trim-heap-every", "-3"], "--trim-heap-every must be >= 0 (0 = never), got -3"),
 ])
 def test_output_paths_and_values_of_the_other_commands(tmp_path, capsys, argv, message):
     blocker = tmp_path / "file"

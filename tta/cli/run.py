@@ -148,6 +148,9 @@ def check_sizes(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    trim = getattr(args, "trim_heap_every", 0)
+    if trim is not None and trim < 0:
+        raise ConfigError(f"--trim-heap-every must be >= 0 (0 = never), got {trim}")
 
 
 def build_stream(spec: Any, args: argparse.Namespace, seed: int | None) -> Any:
