@@ -20,8 +20,8 @@ repeated, so an interrupted soak resumes. `--report` (or the end of a run) reads
     python bench/long_streams.py --stream fmnist-ccc-medium --stream-set length=300000 ...
     python bench/long_streams.py --device cuda --jobs 4 --threads 4 --adapters cotta,vida,vdp ...  # a GPU machine
 
-Variants: plain (the spec's policy, never reset), guard (default `GuardConfig`, or --guard-set),
-reset (every `--reset-every` batches: RDumb's 1,000 steps by default).
+Variants: plain (the spec's policy, never reset), guard (default `GuardConfig` under the card's guard
+settings, then --guard-set), reset (every `--reset-every` batches: RDumb's 1,000 steps by default).
 
 Runs of different lengths in one ``--out`` (e.g. ``--stream-set recurrences=3`` beside 4) are compared
 on their common full windows: a generated stream's batch k depends only on the seed and k, so the
@@ -83,6 +83,7 @@ def run_one(args: argparse.Namespace) -> int:
     from tta.adapters import adapt, get_adapter_class
     from tta.cli.run import card_defaults
     from tta.engine import GuardConfig, run_stream, seed_everything
+    from tta.engine.guard import declared_guard
 
     spec = tta.streams.load_spec(args.stream).with_overrides(args.stream_set)
     stream = spec.build(n_per_domain=args.limit)
@@ -93,7 +94,7 @@ def run_one(args: argparse.Namespace) -> int:
     seed_everything(spec.seed)
     adapter = adapt(tta.models.load(args.model or tta.models.DEFAULT_CARD), name, preset=spec.preset,
                     **card_defaults(name, overrides, ns))
-    guard = GuardConfig.parse(args.guard_set) if variant == "guard" else None
+    guard = GuardConfig.parse(args.guard_set, base=declared_guard(adapter)) if variant == "guard" else None
     reset = args.reset_every if variant == "reset" else None
     rss_start = rss_mb()
     sampler = RssSampler()

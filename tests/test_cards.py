@@ -50,6 +50,21 @@ def test_card_validation_names_the_file(tmp_path: Path) -> None:
         get_card(path)
 
 
+def test_card_guard_settings_are_checked_and_kept(tmp_path: Path) -> None:
+    card = _card(tmp_path)
+    card.guard = {"probe_every": 1, "window": 4}
+    again = get_card(card.save(tmp_path / "demo.yaml"))
+    assert again.guard == {"probe_every": 1, "window": 4} and again == card
+    path = tmp_path / "broken.yaml"
+    base = {"name": "x", "arch": "resnet20", "num_classes": 10, "checkpoint": "x.pt"}
+    for guard, message in (({"speed": 3}, r"broken\.yaml: guard: .*speed.*valid: probe_every"),
+                           ({"window": 0}, r"broken\.yaml: guard window must be an integer >= 1"),
+                           ([1, 2], r"broken\.yaml.*guard")):
+        path.write_text(yaml.safe_dump({**base, "guard": guard}))
+        with pytest.raises(DataNotFoundError, match=message):
+            get_card(path)
+
+
 def test_unknown_card_and_missing_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DataNotFoundError, match="unknown model card 'no-such-card'.*available:"):
         get_card("no-such-card")

@@ -12,7 +12,7 @@ import tta
 from engine_helpers import single_thread  # noqa: F401  (fixture)
 from engine_helpers import assert_same_tensors, domain_data, model_tensors, tensor_stream, tiny_cnn
 from tta.engine import CollapseGuard, GuardConfig, run_stream
-from tta.engine.guard import reference_model
+from tta.engine.guard import declare_guard, declared_guard, default_guard, reference_model
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -157,6 +157,26 @@ def test_run_stream_reports_guard_events_and_costs():
     assert {"batch", "action", "reason", "to_batch", "signals"} <= set(result.guard_events[0])
     plain = run_stream(tta.adapt(tiny_cnn(), "tent"), stream, device="cpu", progress=False)
     assert plain.guard is None and plain.guard_events == [] and plain.guard_seconds == 0.0
+
+
+def test_model_card_guard_settings_are_the_defaults_on_that_model():
+    """A card's ``guard`` settings travel on the loaded model (`declare_guard`, done by
+    `tta.models.load`) and are the guard's defaults there: `CollapseGuard(adapter)`, `run_stream(guard=True)`
+    and the CLI's --guard-set (`GuardConfig.parse(..., base=...)`, which overrides them key by key)."""
+    model = declare_guard(tiny_cnn(), {"probe_every": 1, "window": 3})
+    adapter = tta.adapt(model, "tent")
+    assert declared_guard(adapter) == {"probe_every": 1, "window": 3}
+    assert default_guard(adapter) == GuardConfig(probe_every=1, window=3) == CollapseGuard(adapter).config
+    assert GuardConfig.parse(["window=5", "action=reset"], base=declared_guard(adapter)) == GuardConfig(
+        probe_every=1, window=5, action="reset")
+    stream = tensor_stream({"a": 160}, batch_size=32)
+    result = run_stream(adapter, stream, device="cpu", progress=False, guard=True)
+    assert result.guard["config"]["probe_every"] == 1 and result.guard["config"]["window"] == 3
+    assert result.guard["probes"] == 5  # every batch probed, not every 4th
+    plain = tta.adapt(tiny_cnn(), "tent")
+    assert declared_guard(plain) == {} and default_guard(plain) == GuardConfig()
+    with pytest.raises(ConfigError, match="window"):
+        declare_guard(tiny_cnn(), {"window": 0})
 
 
 def test_periodic_reset_restarts_the_guard_windows():

@@ -221,6 +221,22 @@ def test_validation_spec_holds_the_held_out_corruptions(tmp_path, monkeypatch):
             "speckle_noise,gaussian_blur,spatter,saturate --severities 5") in str(err.value)
 
 
+def test_recurring_validation_spec_generates_the_held_out_corruptions():
+    """fmnist-c-val-recurring: the held-out corruptions in the recurring setting (choosing guard settings
+    on a long stream without touching the test corruptions); generated from the clean test split."""
+    val = load_spec("fmnist-c-val-recurring")
+    assert val.role == "validation" and val.corruptions == EXTRA_CORRUPTIONS and val.setting == "recurring"
+    assert (val.recurrences, val.n_per_domain, val.batch_size, val.severities) == (20, 1000, 200, (5,))
+    try:
+        stream = val.with_overrides(["recurrences=2"]).build(n_per_domain=10, batch_size=5)
+    except DataNotFoundError as exc:  # pragma: no cover - the Debian package is installed here
+        pytest.skip(f"Fashion-MNIST not installed: {exc}")
+    batches = list(stream)
+    assert len(batches) == 16 and sum(len(b.x) for b in batches) == 80
+    assert [b.domain for b in batches[::2]] == [c for c in EXTRA_CORRUPTIONS] * 2
+    assert batches[0].x.shape[1:] == (3, 32, 32) and batches[0].y is not None
+
+
 def test_a_validation_stream_cannot_hold_test_corruptions_or_be_declared_on_the_command_line(tmp_path):
     (tmp_path / "leaky.yaml").write_text("dataset: fashion-mnist-c\ndata: x\nrole: validation\n"
                                          "corruptions: [saturate, fog]\n")

@@ -45,7 +45,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reset", default=None,
                         help="reset policy: never, domain or N (reset every N batches; RDumb: 1000) (default: the spec's)")
     parser.add_argument("--guard", action="store_true",
-                        help="run under the collapse guard: health signals, rollback/reset (tta.engine.guard)")
+                        help="run under the collapse guard: health signals, rollback/reset (tta.engine.guard), "
+                             "with the model card's guard settings where it has them")
     parser.add_argument("--guard-set", dest="guard_assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="collapse-guard setting (repeatable; implies --guard), e.g. --guard-set action=reset")
     parser.add_argument("--stream-set", dest="stream_assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -124,12 +125,13 @@ def pinned_cost(items: list[str], adapter: str | None) -> float | None:
 
 
 def parse_guard(args: argparse.Namespace) -> Any:
-    """The `GuardConfig` of --guard / --guard-set, or None."""
+    """The `GuardConfig` of --guard / --guard-set (on top of the model card's guard settings), or None."""
     if not (getattr(args, "guard", False) or getattr(args, "guard_assignments", None)):
         return None
     from tta.engine.guard import GuardConfig
+    from tta.models import get_card
 
-    return GuardConfig.parse(args.guard_assignments)
+    return GuardConfig.parse(args.guard_assignments, base=get_card(model_name(args)).guard)
 
 
 def load_spec(args: argparse.Namespace) -> Any:

@@ -44,7 +44,8 @@ import copy
 import math
 import typing
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -108,12 +109,17 @@ class GuardConfig:
             raise ConfigError(f"guard reference must be auto, bn or source, got {self.reference!r}")
 
     @classmethod
-    def parse(cls, assignments: list[str]) -> "GuardConfig":
-        """``key=value`` strings (CLI ``--guard-set``) on top of the defaults."""
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def parse(cls, assignments: list[str], base: Mapping[str, Any] | None = None) -> "GuardConfig":
+        """``key=value`` strings (CLI ``--guard-set``) on top of `base` (a model card's ``guard``
+        settings, `declared_guard`) on top of the defaults."""
         from tta.adapters.config import _parse_string
 
         hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(base or {})
         for item in assignments:
             if "=" not in item:
                 raise ConfigError(f"guard setting: expected key=value, got {item!r}")
@@ -123,6 +129,32 @@ class GuardConfig:
                 raise ConfigError(f"unknown guard setting {key!r}; valid: {', '.join(sorted(hints))}")
             values[key] = _parse_string(key, hints[key], raw)
         return cls(**values)
+
+
+#: attribute of a model holding its card's guard settings (set by `tta.models.load`)
+GUARD_ATTR = "tta_guard"
+
+
+def declare_guard(model: nn.Module, settings: Mapping[str, Any] | None) -> nn.Module:
+    """Record on `model` the guard settings its card gives (checked now); returns `model`."""
+    if settings:
+        GuardConfig(**settings)
+        setattr(model, GUARD_ATTR, dict(settings))
+    return model
+
+
+def declared_guard(module: nn.Module) -> dict[str, Any]:
+    """The guard settings declared on an adapter's model (or on `module` itself); {} when none."""
+    for m in (getattr(module, "model", None), module):
+        settings = getattr(m, GUARD_ATTR, None) if m is not None else None
+        if settings:
+            return dict(settings)
+    return {}
+
+
+def default_guard(adapter: nn.Module) -> GuardConfig:
+    """The guard's defaults for `adapter`: `GuardConfig` defaults under its model card's settings."""
+    return GuardConfig(**declared_guard(adapter))
 
 
 def reference_model(adapter: nn.Module, kind: str = "auto") -> nn.Module:
@@ -195,7 +227,7 @@ class CollapseGuard:
         if not callable(getattr(adapter, "reset", None)) or not hasattr(adapter, "state_dict"):
             raise InvalidInputError(f"the collapse guard needs an adapter with reset(), got {type(adapter).__name__}")
         self.adapter = adapter
-        self.config = config or GuardConfig()
+        self.config = config or default_guard(adapter)
         self.output_kind = getattr(adapter, "output_kind", "logits")
         self.reference = reference_model(adapter, self.config.reference)
         self.events: list[dict[str, Any]] = []
@@ -336,4 +368,4 @@ class CollapseGuard:
                 "events": len(self.events), "lr_scale": self.lr_scale}
 
 
-__all__ = ["CollapseGuard", "GuardConfig", "reference_model"]
+__all__ = ["CollapseGuard", "GuardConfig", "declare_guard", "declared_guard", "default_guard", "reference_model"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tta.engine.guard import CollapseGuard, GuardConfig
+from tta.engine.guard import CollapseGuard, GuardConfig, default_guard
 from tta.engine.heap import DEFAULT_TRIM_EVERY, HeapTrimmer
 from tta.engine.metrics import BatchTrace, ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
@@ -103,7 +103,8 @@ def run_stream(
         by the adapter before any state change; ``"skip"`` counts it (its samples count as errors)
         and goes on, ``"raise"`` re-raises.
     keep_predictions: keep the predicted class of every image (``-1`` for skipped batches).
-    guard: run the adapter under a `CollapseGuard` (True = default `GuardConfig`): its events
+    guard: run the adapter under a `CollapseGuard` (True = the `GuardConfig` defaults, under the guard
+        settings of the model's card when it has them, `tta.engine.guard.default_guard`): its events
         (rollbacks, resets, with the signals that triggered them) go into ``guard_events``.
     realtime: the real-time protocol of Alfarra et al. (ICML 2024; `tta.engine.realtime`): batches
         arrive at a fixed rate (``"2x-source"``: a batch every 2 source-model forwards; a number:
@@ -133,7 +134,7 @@ def run_stream(
     amp_dtype = resolve_amp(amp, dev)
     adapter.to(dev)
     if guard is True:
-        guard = GuardConfig()
+        guard = default_guard(adapter)
     watcher = CollapseGuard(adapter, guard).to(dev) if guard else None
     realtime = as_realtime_config(realtime)
     schedule = RealtimeSchedule(realtime) if realtime is not None else None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tta import paths
-from tta.errors import DataNotFoundError
+from tta.errors import ConfigError, DataNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +48,9 @@ class ModelCard:
     clean_correct: int | None = None
     num_test: int | None = None
     cotta_threshold: float | None = None
+    #: collapse-guard settings for this model (keys of `tta.engine.GuardConfig`), the guard's defaults
+    #: wherever it runs on the card's model (`tta run --guard`, `run_stream(guard=True)`)
+    guard: dict[str, Any] = field(default_factory=dict)
     preprocessing: str | None = None  # e.g. "Res256Crop224" for ImageNet checkpoints
     training: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
@@ -125,6 +128,8 @@ class ModelCard:
                 not _numbers(mean) or not _numbers(std) or len(mean) != len(std) or any(v <= 0 for v in std))):
             raise DataNotFoundError(f"model card {where}: normalization needs mean and std as lists of numbers of "
                                     f"equal length (std > 0), got mean={mean!r} std={std!r}")
+        if data.get("guard"):
+            _check_guard(data["guard"], where)
         return cls(**data, mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std), path=path)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -139,8 +144,20 @@ _REQUIRED_TYPES: dict[str, tuple[type, ...]] = {"name": (str,), "arch": (str,), 
 _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "sha256": (str,), "arch_kwargs": (dict,), "feature_layer": (str,), "dataset": (str,),
     "clean_accuracy": (int, float), "cotta_threshold": (int, float), "preprocessing": (str,),
-    "training": (dict,), "command": (str,), "notes": (str,),
+    "training": (dict,), "command": (str,), "notes": (str,), "guard": (dict,),
 }
+
+
+def _check_guard(guard: dict[str, Any], where: Any) -> None:
+    from tta.engine.guard import GuardConfig
+
+    try:
+        GuardConfig(**guard)
+    except TypeError as exc:  # an unknown key
+        raise DataNotFoundError(f"model card {where}: guard: {exc} (valid: {', '.join(GuardConfig.field_names())})") \
+            from None
+    except ConfigError as exc:
+        raise DataNotFoundError(f"model card {where}: {exc}") from None
 
 
 def _is_int(value: Any) -> bool:
@@ -228,8 +245,11 @@ def load(card: str | os.PathLike[str] | ModelCard, device: str | torch.device = 
     load_into(net, load_state_dict(ckpt, sha256=card.sha256), ckpt)
     from tta.adapters.inputs import declare_input  # the input contract adapters check batches against
 
+    from tta.engine.guard import declare_guard
+
     size = card.input_size[1:] if min(card.input_size[1:]) > 0 else None  # 0: any size
-    return declare_input(wrap_normalization(net, card.mean, card.std).to(device).eval(), size, (0.0, 1.0))
+    model = declare_input(wrap_normalization(net, card.mean, card.std).to(device).eval(), size, (0.0, 1.0))
+    return declare_guard(model, card.guard)
 
 
 def load_weights(arch: str, path: str | os.PathLike[str], num_classes: int = 1000, in_chans: int = 3,
