@@ -219,7 +219,8 @@ def report(out: Path, baseline: str | None = None) -> str:
     for a in adapters:
         if a.split("@")[0] in GRADIENT_FREE or (a, "guard") not in runs or ref is None:
             continue
-        g, p = runs[(a, "guard")], runs.get((a, "plain"))
+        # a tagged guard run (e.g. tent@probe1: other guard settings) against its adapter's plain run
+        g, p = runs[(a, "guard")], runs.get((a, "plain"), runs.get((a.split("@")[0], "plain")))
         n = _common(g, ref)
         diffs = [e - b for e, b in zip(_errors(g)[:n], _errors(ref)[:n])]
         ok_w = max(diffs) <= 1.0

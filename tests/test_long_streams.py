@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +319,38 @@ def test_generated_stream_runs_with_prefetch_and_windows(clean):
     assert [w["images"] for w in windows] == [40, 40, 40]
     total_wrong = sum(w["error"] * w["images"] for w in windows) / 100
     assert total_wrong == pytest.approx(result.stream_error * 120 / 100)
+
+
+def _bench_long_streams():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "long_streams.py"
+    spec = importlib.util.spec_from_file_location("bench_long_streams", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_long_stream_report_checks_each_guarded_run_against_its_plain_run(tmp_path):
+    """bench/long_streams.py --report: the acceptance line of a guarded run, tagged (other guard settings)
+    or not, compares its windows with the comparator's and its mean with the same adapter's plain run."""
+    def run(adapter, variant, errors, events=()):
+        windows = [{"error": e, "images": 100, "images_per_s": 50.0} for e in errors]
+        return {"adapter": adapter, "variant": variant, "stream": "toy", "images": 100 * len(errors), "window": 100,
+                "windows": windows, "mean_error": sum(errors) / len(errors), "stream_error": sum(errors) / len(errors),
+                "images_per_s": 50.0, "resets": 0, "guard_events": list(events), "nonfinite_outputs": 0,
+                "rss_mb": {"start": 1.0, "after_first_window": 2.0, "end": 2.0, "max": 3.0}}
+
+    for name, data in {"bn.plain": run("bn", "plain", [10, 10, 10]),
+                       "tent.plain": run("tent", "plain", [9, 12, 14]),
+                       "tent.guard": run("tent", "guard", [9, 11.5, 10.5], [{"action": "rollback"}]),
+                       "tent@fast.guard": run("tent@fast", "guard", [9, 10.5, 15])}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    text = _bench_long_streams().report(tmp_path)
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert lines == [
+        "- tent: worst guarded window +1.50 vs bn over 3 windows (MISSED); guarded mean 10.33 vs unguarded 11.67 (met)",
+        "- tent@fast: worst guarded window +5.00 vs bn over 3 windows (MISSED); guarded mean 11.50 vs unguarded 11.67 "
+        "(met)",
+    ]
+    assert "| tent | guard | 10.33 | 10.33 | +1.50 (window 2) | 1 / 3 | 1 rb, 0 rs | 50 |" in text
