@@ -3,7 +3,8 @@
 Runs an adapter over a long stream and, on *every* batch, the guard's reference model (the source
 weights with test-batch statistics: BN) beside it, recording with the labels: the error of both,
 and the label-free signals the guard pools: the share of the reference's confident predictions
-(max-softmax >= 0.8 / 0.9 / 0.95) that the adapted model contradicts, agreement, prediction
+(max-softmax >= 0.8 / 0.9 / 0.95) that the adapted model contradicts, how often those confident
+reference predictions are themselves wrong (the signal assumes rarely), agreement, prediction
 entropy, class diversity. `--report` prints them per window of `--window` batches: the gap
 (adapted - reference error, points) next to the signals.
 
@@ -82,18 +83,20 @@ def report(path: str, window: int) -> str:
     c = (a.shape[1] - PER_T - 3 * len(THRESHOLDS)) // 2
     hist0 = PER_T + 3 * len(THRESHOLDS)
     lines = [f"{path}: {len(a)} batches, {int(a[:, N].sum()):,} images; windows of {window} batches",
-             "| batches | adapted error | reference error | gap | contradicted (conf >= 0.8 / 0.9 / 0.95) | agreement "
-             "| entropy ratio | diversity ratio |", "|---|---|---|---|---|---|---|---|"]
+             "| batches | adapted error | reference error | gap | contradicted (conf >= 0.8 / 0.9 / 0.95) "
+             "| reference wrong when confident (0.9) | agreement | entropy ratio | diversity ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in range(0, len(a), window):
         b = a[s : s + window]
         n = b[:, N].sum()
         contra = [b[:, PER_T + 3 * i + 1].sum() / max(1.0, b[:, PER_T + 3 * i].sum()) for i in range(len(THRESHOLDS))]
+        ref_wrong = b[:, PER_T + 5].sum() / max(1.0, b[:, PER_T + 3].sum())  # threshold 0.9: its reliable set
         div = _diversity(b[:, hist0 : hist0 + c].sum(0)) / _diversity(b[:, hist0 + c : hist0 + 2 * c].sum(0))
         lines.append(
             f"| {s}-{s + len(b) - 1} | {100 * b[:, WRONG_AD].sum() / n:.2f} | {100 * b[:, WRONG_REF].sum() / n:.2f} | "
             f"{100 * (b[:, WRONG_AD].sum() - b[:, WRONG_REF].sum()) / n:+.2f} | "
             + " / ".join(f"{100 * x:.1f}%" for x in contra)
-            + f" | {1 - b[:, DISAGREE].sum() / n:.3f} | {b[:, ENT_AD].mean() / b[:, ENT_REF].mean():.2f} | {div:.3f} |")
+            + f" | {100 * ref_wrong:.1f}% | {1 - b[:, DISAGREE].sum() / n:.3f} | {b[:, ENT_AD].mean() / b[:, ENT_REF].mean():.2f} | {div:.3f} |")
     return "\n".join(lines)
 
 
