@@ -177,6 +177,10 @@ def test_model_card_guard_settings_are_the_defaults_on_that_model():
     assert declared_guard(plain) == {} and default_guard(plain) == GuardConfig()
     with pytest.raises(ConfigError, match="window"):
         declare_guard(tiny_cnn(), {"window": 0})
+    with pytest.raises(ConfigError, match=r"unknown guard setting\(s\) \['speed'\]"):
+        declare_guard(tiny_cnn(), {"speed": 3})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        declare_guard(tiny_cnn(), [("window", 2)])
 
 
 def test_periodic_reset_restarts_the_guard_windows():

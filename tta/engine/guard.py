@@ -119,6 +119,16 @@ class GuardConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> "GuardConfig":
+        """The defaults under `settings` (e.g. a model card's ``guard``), every key and value checked."""
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"guard settings must be a mapping of setting -> value, got {type(settings).__name__}")
+        unknown = sorted(set(settings) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown guard setting(s) {unknown}; valid: {', '.join(cls.field_names())}")
+        return cls(**settings)
+
+    @classmethod
     def parse(cls, assignments: list[str], base: Mapping[str, Any] | None = None) -> "GuardConfig":
         """``key=value`` strings (CLI ``--guard-set``) on top of `base` (a model card's ``guard``
         settings, `declared_guard`) on top of the defaults."""
@@ -144,7 +154,7 @@ GUARD_ATTR = "tta_guard"
 def declare_guard(model: nn.Module, settings: Mapping[str, Any] | None) -> nn.Module:
     """Record on `model` the guard settings its card gives (checked now); returns `model`."""
     if settings:
-        GuardConfig(**settings)
+        GuardConfig.from_mapping(settings)
         setattr(model, GUARD_ATTR, dict(settings))
     return model
 
@@ -160,7 +170,7 @@ def declared_guard(module: nn.Module) -> dict[str, Any]:
 
 def default_guard(adapter: nn.Module) -> GuardConfig:
     """The guard's defaults for `adapter`: `GuardConfig` defaults under its model card's settings."""
-    return GuardConfig(**declared_guard(adapter))
+    return GuardConfig.from_mapping(declared_guard(adapter))
 
 
 def reference_model(adapter: nn.Module, kind: str = "auto") -> nn.Module:

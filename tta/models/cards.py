@@ -152,10 +152,7 @@ def _check_guard(guard: dict[str, Any], where: Any) -> None:
     from tta.engine.guard import GuardConfig
 
     try:
-        GuardConfig(**guard)
-    except TypeError as exc:  # an unknown key
-        raise DataNotFoundError(f"model card {where}: guard: {exc} (valid: {', '.join(GuardConfig.field_names())})") \
-            from None
+        GuardConfig.from_mapping(guard)
     except ConfigError as exc:
         raise DataNotFoundError(f"model card {where}: {exc}") from None
 
