@@ -90,7 +90,8 @@ def report(path: str, window: int) -> str:
         b = a[s : s + window]
         n = b[:, N].sum()
         contra = [b[:, PER_T + 3 * i + 1].sum() / max(1.0, b[:, PER_T + 3 * i].sum()) for i in range(len(THRESHOLDS))]
-        ref_wrong = b[:, PER_T + 5].sum() / max(1.0, b[:, PER_T + 3].sum())  # threshold 0.9: its reliable set
+        t = PER_T + 3 * THRESHOLDS.index(0.9)  # the guard's default `confident`: its reliable set
+        ref_wrong = b[:, t + 2].sum() / max(1.0, b[:, t].sum())
         div = _diversity(b[:, hist0 : hist0 + c].sum(0)) / _diversity(b[:, hist0 + c : hist0 + 2 * c].sum(0))
         lines.append(
             f"| {s}-{s + len(b) - 1} | {100 * b[:, WRONG_AD].sum() / n:.2f} | {100 * b[:, WRONG_REF].sum() / n:.2f} | "

@@ -144,7 +144,7 @@ class GuardConfig:
             if key not in hints:
                 raise ConfigError(f"unknown guard setting {key!r}; valid: {', '.join(sorted(hints))}")
             values[key] = _parse_string(key, hints[key], raw)
-        return cls(**values)
+        return cls.from_mapping(values)
 
 
 #: attribute of a model holding its card's guard settings (set by `tta.models.load`)

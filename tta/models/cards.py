@@ -241,8 +241,7 @@ def load(card: str | os.PathLike[str] | ModelCard, device: str | torch.device = 
     ckpt = card.checkpoint_path()
     load_into(net, load_state_dict(ckpt, sha256=card.sha256), ckpt)
     from tta.adapters.inputs import declare_input  # the input contract adapters check batches against
-
-    from tta.engine.guard import declare_guard
+    from tta.engine.guard import declare_guard  # the card's guard settings, the guard's defaults there
 
     size = card.input_size[1:] if min(card.input_size[1:]) > 0 else None  # 0: any size
     model = declare_input(wrap_normalization(net, card.mean, card.std).to(device).eval(), size, (0.0, 1.0))
