@@ -112,6 +112,45 @@ def test_drift_triggers_rollback_then_reset_when_it_returns():
     assert_same_tensors(model_tensors(adapter.model), model_tensors(tta.adapt(tiny_cnn(), "tent").model))
 
 
+def test_futile_resets_stand_the_guard_down_until_a_healthy_decision():
+    """An adapter whose source state already contradicts the reference (RoTTA's robust BN against the
+    test-batch-statistics reference) draws a drift reset at every decision; resets cannot fix that. After
+    `max_futile_resets` drift resets with no healthy decision between them the guard stands down (the
+    adapter is left alone, the learning rate no longer shrinks), and a healthy decision re-arms it."""
+    adapter = tta.adapt(tiny_cnn(), "tent")
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, checkpoint_every=1, confident=0.0,
+                                               max_futile_resets=2))
+    data = batches(24, seed=4)
+
+    def feed(k: int, healthy: bool):
+        reference = guard.reference(data[k])
+        # contradicting outputs: every prediction moved to the next class (class diversity unchanged)
+        return guard.observe(k, data[k], reference if healthy else reference.roll(1, dims=1))
+
+    actions = [(k, e["action"]) for k in range(10) if (e := feed(k, healthy=False))]
+    assert actions == [(1, "reset"), (3, "reset"), (5, "stand_down")]  # then nothing at batches 6-9
+    assert guard.stand_downs == 1 and guard.lr_scale == 0.25  # the stand-down did not back off again
+    assert guard.events[-1]["reason"] == "drift" and guard.summary()["stand_downs"] == 1
+    state = model_tensors(adapter)
+    assert [feed(k, healthy=False) for k in range(10, 14)] == [None] * 4
+    assert_same_tensors(model_tensors(adapter), state)  # standing down: the adapter is left as it is
+    # batch 14's window still holds the drifting batch 13; batch 15's is healthy: re-armed, checkpointed
+    assert [feed(k, healthy=True) for k in range(14, 16)] == [None, None]
+    assert guard.checkpoints_taken == 1
+    event = feed(16, healthy=False)  # armed again: the next drift is acted on
+    assert event is not None and event["action"] == "rollback" and event["to_batch"] == 15
+
+
+def test_stand_down_can_be_switched_off():
+    adapter = tta.adapt(tiny_cnn(), "tent")
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, confident=0.0, max_futile_resets=0))
+    data = batches(12, seed=4)
+    events = [guard.observe(k, data[k], guard.reference(data[k]).roll(1, dims=1)) for k in range(12)]
+    assert [e["action"] for e in events if e] == ["reset"] * 6 and guard.stand_downs == 0
+    with pytest.raises(ConfigError, match="max_futile_resets"):
+        GuardConfig(max_futile_resets=-1)
+
+
 def test_collapse_onto_one_class_resets():
     adapter = tta.adapt(tiny_cnn(), "tent")
     guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=3))
@@ -157,6 +196,26 @@ def test_run_stream_reports_guard_events_and_costs():
     assert {"batch", "action", "reason", "to_batch", "signals"} <= set(result.guard_events[0])
     plain = run_stream(tta.adapt(tiny_cnn(), "tent"), stream, device="cpu", progress=False)
     assert plain.guard is None and plain.guard_events == [] and plain.guard_seconds == 0.0
+
+
+@pytest.mark.parametrize("name", ["tent", "cotta", "rotta"])
+def test_a_guard_that_never_acts_changes_no_prediction(name):
+    """Probes, signals and healthy checkpoints only read the adapter: a guarded run with no action gives
+    every prediction of the unguarded run, for adapters that draw random numbers (CoTTA's augmented views
+    and restore) or keep a memory (RoTTA) too. A long-stream run whose guard took no action therefore is
+    its unguarded run (BENCHMARKS.md, "Long streams")."""
+    stream = tensor_stream({"a": 96, "b": 96}, batch_size=32)
+    runs = []
+    for guard in (None, GuardConfig(probe_every=1, window=2, checkpoint_every=1, max_disagreement=1.0,
+                                    min_diversity_ratio=0.0, min_entropy=0.0)):
+        adapter = tta.adapt(tiny_cnn(), name)
+        runs.append(run_stream(adapter, stream, device="cpu", progress=False, seed=3, keep_predictions=True,
+                               guard=guard))
+    plain, guarded = runs
+    assert guarded.guard_events == [] and guarded.guard["probes"] == 6 and guarded.guard["checkpoints"] >= 1
+    assert plain.steps == guarded.steps > 0
+    assert np.array_equal(plain.predictions, guarded.predictions)
+    assert plain.domain_errors == guarded.domain_errors
 
 
 def test_model_card_guard_settings_are_the_defaults_on_that_model():

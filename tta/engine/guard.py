@@ -34,6 +34,14 @@ Decision rule (at each probe, once `window` probes have been seen since the last
 - every reset the guard makes also scales the optimizer's learning rates by `lr_backoff`: a model
   that collapses, or drifts again after a rollback, adapts too aggressively for its stream, and a
   plain reset would replay the same failure (a 100x learning rate collapses again within batches).
+- stand-down: after `max_futile_resets` drift resets in a row with no healthy decision between them,
+  the next drift decision stands the guard down (event ``stand_down``; the adapter is left as it is)
+  until a decision is healthy again. Resets that never bring the disagreement under the bound mean the
+  disagreement does not come from accumulated adaptation: the adapter's own source state contradicts
+  the reference (RoTTA's robust BatchNorm, whose slowly moving statistics trail the test-batch
+  statistics of the "bn" reference after every abrupt domain change, drew a reset at every one of its
+  first nine decisions on `fmnist-c-recurring`), and further resets only throw away adaptation and
+  shrink the learning rate. Collapse is always acted on.
 Healthy checkpoints: every `checkpoint_every` batches while the pooled signals are clearly healthy
 (disagreement at most half its bound), an in-memory copy of the adapter's adapted tensors and extra state (optimizer, RNG; frozen weights are
 shared, not copied); the guard keeps `keep` of them and rolls back to the newest one taken before the
@@ -82,6 +90,9 @@ class GuardConfig:
     lr_backoff: every reset the guard makes multiplies the adapter's optimizer learning rates by this
         (1 = off). A reset means the adapter collapsed, or drifted again from a rolled-back state: its
         adaptation is too aggressive for this stream, and resetting alone would replay the failure.
+    max_futile_resets: drift resets in a row (no healthy decision between them) after which a further
+        drift decision stands the guard down instead of resetting again, until a decision is healthy
+        (0 = never stand down).
     action: what a drift triggers: "rollback" (to a healthy checkpoint) or "reset" (to source);
         "none" only records events (monitoring).
     reference: "auto" (test-batch statistics when the model has BatchNorm, else the source model),
@@ -97,6 +108,7 @@ class GuardConfig:
     checkpoint_every: int = 50
     keep: int = 3
     lr_backoff: float = 0.5
+    max_futile_resets: int = 3
     action: Literal["rollback", "reset", "none"] = "rollback"
     reference: Literal["auto", "bn", "source"] = "auto"
 
@@ -105,6 +117,9 @@ class GuardConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"guard {key} must be an integer >= 1, got {value!r}")
+        value = self.max_futile_resets
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"guard max_futile_resets must be an integer >= 0 (0 = never stand down), got {value!r}")
         for key in ("confident", "max_disagreement", "min_diversity_ratio", "min_entropy", "lr_backoff"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -250,6 +265,9 @@ class CollapseGuard:
         self.probes = 0
         self.checkpoints_taken = 0
         self.lr_scale = 1.0  # product of the learning-rate backoffs applied so far
+        self.stand_downs = 0
+        self._futile_resets = 0  # drift resets since the last healthy decision
+        self._stood_down = False
         self._frozen = frozen_names(adapter)
         self._checkpoints: deque[_Checkpoint] = deque(maxlen=self.config.keep)
         self._since_action = 0
@@ -307,6 +325,8 @@ class CollapseGuard:
         collapse = signals["diversity_ratio"] < cfg.min_diversity_ratio or signals["entropy"] < cfg.min_entropy
         drift = signals["disagreement"] > cfg.max_disagreement
         if not (collapse or drift):
+            self._futile_resets = 0
+            self._stood_down = False
             clearly_healthy = signals["disagreement"] <= cfg.max_disagreement / 2
             due = not self._checkpoints or batch - self._checkpoints[-1].batch >= cfg.checkpoint_every
             if clearly_healthy and due:
@@ -314,6 +334,8 @@ class CollapseGuard:
                 self.checkpoints_taken += 1
                 self._rolled_back = False
             return None
+        if self._stood_down and not collapse:
+            return None  # standing down: the window slides on until a decision is healthy
         return self._act(batch, "collapse" if collapse else "drift", signals)
 
     def signals(self) -> dict[str, float]:
@@ -347,6 +369,14 @@ class CollapseGuard:
             action = "rollback"
             older = [ck for ck in self._checkpoints if ck.batch <= batch - span]
             target = older[-1] if older else self._checkpoints[0]
+        stand_down = (action == "reset" and reason == "drift" and cfg.max_futile_resets > 0
+                      and self._futile_resets >= cfg.max_futile_resets)
+        if stand_down:
+            action = "stand_down"
+            self._stood_down = True
+            self.stand_downs += 1
+        elif action == "reset" and reason == "drift":
+            self._futile_resets += 1
         lr_scale = None
         if action == "reset":
             self.adapter.reset()
@@ -373,7 +403,7 @@ class CollapseGuard:
             "signals": {k: round(v, 4) for k, v in signals.items()},
         }
         self.events.append(event)
-        if action != "none":  # monitoring keeps its window: the same state goes on being measured
+        if action in ("rollback", "reset"):  # otherwise the same state goes on being measured
             self._window.clear()
             self._entropy.clear()
             self._since_action = 0
@@ -381,7 +411,7 @@ class CollapseGuard:
 
     def summary(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "probes": self.probes, "checkpoints": self.checkpoints_taken,
-                "events": len(self.events), "lr_scale": self.lr_scale}
+                "events": len(self.events), "stand_downs": self.stand_downs, "lr_scale": self.lr_scale}
 
 
 __all__ = ["CollapseGuard", "GuardConfig", "declare_guard", "declared_guard", "default_guard", "reference_model"]

@@ -41,7 +41,7 @@ def results_dict(results: Mapping[str, RunResult]) -> dict[str, dict[str, Any]]:
             "resets": r.resets,
             "stream_error": None if r.stream_error is None else round(r.stream_error, 4),
             "nonfinite_outputs": r.nonfinite_outputs,
-            "guard_actions": sum(e["action"] != "none" for e in r.guard_events),
+            "guard_actions": sum(e["action"] in ("rollback", "reset") for e in r.guard_events),
         }
         if r.realtime is not None:
             out[name]["realtime"] = dict(r.realtime)

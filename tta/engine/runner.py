@@ -270,9 +270,10 @@ def run_stream(
     if nonfinite_outputs:
         log(f"warning: {nonfinite_outputs} batch(es) produced NaN/Inf outputs")
     if watcher is not None:
-        acted = [e for e in watcher.events if e["action"] != "none"]
+        acted = [e for e in watcher.events if e["action"] in ("rollback", "reset")]
+        stood = f", stood down {watcher.stand_downs} time(s)" if watcher.stand_downs else ""
         log(f"guard: {len(acted)} action(s) ({sum(e['action'] == 'rollback' for e in acted)} rollbacks, "
-            f"{sum(e['action'] == 'reset' for e in acted)} resets), {watcher.probes} probes, "
+            f"{sum(e['action'] == 'reset' for e in acted)} resets){stood}, {watcher.probes} probes, "
             f"{watcher.checkpoints_taken} checkpoints")
     if skipped_batches:
         log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite or out-of-range "
