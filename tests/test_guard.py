@@ -116,29 +116,41 @@ def test_futile_resets_stand_the_guard_down_until_a_healthy_decision():
     """An adapter whose source state already contradicts the reference (RoTTA's robust BN against the
     test-batch-statistics reference) draws a drift reset at every decision; resets cannot fix that. After
     `max_futile_resets` drift resets with no healthy decision between them the guard stands down (the
-    adapter is left alone, the learning rate no longer shrinks), and a healthy decision re-arms it."""
+    adapter is left alone and gets back the learning rate those resets took), and a healthy decision
+    re-arms it."""
     adapter = tta.adapt(tiny_cnn(), "tent")
+    lr0 = adapter.optimizer.param_groups[0]["lr"]
     guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, checkpoint_every=1, confident=0.0,
                                                max_futile_resets=2))
     data = batches(24, seed=4)
 
-    def feed(k: int, healthy: bool):
+    def feed(k: int, healthy: bool, collapsed: bool = False):
         reference = guard.reference(data[k])
+        if collapsed:  # every prediction class 0
+            return guard.observe(k, data[k], torch.nn.functional.one_hot(torch.zeros(len(reference), dtype=torch.long),
+                                                                         reference.shape[1]).float() * 10)
         # contradicting outputs: every prediction moved to the next class (class diversity unchanged)
         return guard.observe(k, data[k], reference if healthy else reference.roll(1, dims=1))
 
     actions = [(k, e["action"]) for k in range(10) if (e := feed(k, healthy=False))]
     assert actions == [(1, "reset"), (3, "reset"), (5, "stand_down")]  # then nothing at batches 6-9
-    assert guard.stand_downs == 1 and guard.lr_scale == 0.25  # the stand-down did not back off again
+    # the two futile resets halved the learning rate twice; standing down gives that back
+    assert guard.events[1]["lr_scale"] == 0.25 and guard.events[2]["lr_scale"] == 1.0
+    assert guard.stand_downs == 1 and guard.lr_scale == 1.0
+    assert [g["lr"] for g in adapter.optimizer.param_groups] == [lr0]
     assert guard.events[-1]["reason"] == "drift" and guard.summary()["stand_downs"] == 1
     state = model_tensors(adapter)
     assert [feed(k, healthy=False) for k in range(10, 14)] == [None] * 4
     assert_same_tensors(model_tensors(adapter), state)  # standing down: the adapter is left as it is
-    # batch 14's window still holds the drifting batch 13; batch 15's is healthy: re-armed, checkpointed
-    assert [feed(k, healthy=True) for k in range(14, 16)] == [None, None]
+    # standing down covers drift only: a collapse is reset (batch 14's window still holds batch 13)
+    assert feed(14, healthy=False, collapsed=True) is None
+    event = feed(15, healthy=False, collapsed=True)
+    assert event["action"] == "reset" and event["reason"] == "collapse" and event["lr_scale"] == 0.5
+    # a healthy decision re-arms the guard and takes a checkpoint; the next drift is acted on again
+    assert [feed(k, healthy=True) for k in range(16, 18)] == [None, None]
     assert guard.checkpoints_taken == 1
-    event = feed(16, healthy=False)  # armed again: the next drift is acted on
-    assert event is not None and event["action"] == "rollback" and event["to_batch"] == 15
+    event = feed(18, healthy=False)
+    assert event is not None and event["action"] == "rollback" and event["to_batch"] == 17
 
 
 def test_stand_down_can_be_switched_off():

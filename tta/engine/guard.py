@@ -34,14 +34,15 @@ Decision rule (at each probe, once `window` probes have been seen since the last
 - every reset the guard makes also scales the optimizer's learning rates by `lr_backoff`: a model
   that collapses, or drifts again after a rollback, adapts too aggressively for its stream, and a
   plain reset would replay the same failure (a 100x learning rate collapses again within batches).
-- stand-down: after `max_futile_resets` drift resets in a row with no healthy decision between them,
-  the next drift decision stands the guard down (event ``stand_down``; the adapter is left as it is)
-  until a decision is healthy again. Resets that never bring the disagreement under the bound mean the
-  disagreement does not come from accumulated adaptation: the adapter's own source state contradicts
-  the reference (RoTTA's robust BatchNorm, whose slowly moving statistics trail the test-batch
-  statistics of the "bn" reference after every abrupt domain change, drew a reset at every one of its
-  first nine decisions on `fmnist-c-recurring`), and further resets only throw away adaptation and
-  shrink the learning rate. Collapse is always acted on.
+- stand-down: after `max_futile_resets` drift resets in a row (no healthy decision and no collapse
+  between them), the next drift decision stands the guard down until a decision is healthy again
+  (event ``stand_down``; the adapter's state is left as it is and the learning rates those resets
+  backed off are given back). Resets that never bring the disagreement under the bound show that it
+  does not come from accumulated adaptation: the adapter's own source state contradicts the reference.
+  RoTTA's robust BatchNorm, whose slowly moving statistics trail the test-batch statistics of the
+  "bn" reference after every abrupt domain change, drew a reset at each of its first nine decisions on
+  `fmnist-c-recurring`; further resets only throw adaptation away and shrink the learning rate.
+  Collapse is always acted on.
 Healthy checkpoints: every `checkpoint_every` batches while the pooled signals are clearly healthy
 (disagreement at most half its bound), an in-memory copy of the adapter's adapted tensors and extra state (optimizer, RNG; frozen weights are
 shared, not copied); the guard keeps `keep` of them and rolls back to the newest one taken before the
@@ -90,9 +91,9 @@ class GuardConfig:
     lr_backoff: every reset the guard makes multiplies the adapter's optimizer learning rates by this
         (1 = off). A reset means the adapter collapsed, or drifted again from a rolled-back state: its
         adaptation is too aggressive for this stream, and resetting alone would replay the failure.
-    max_futile_resets: drift resets in a row (no healthy decision between them) after which a further
-        drift decision stands the guard down instead of resetting again, until a decision is healthy
-        (0 = never stand down).
+    max_futile_resets: drift resets in a row (no healthy decision or collapse between them) after which
+        a further drift decision stands the guard down instead of resetting again, and restores the
+        learning rates those resets backed off, until a decision is healthy (0 = never stand down).
     action: what a drift triggers: "rollback" (to a healthy checkpoint) or "reset" (to source);
         "none" only records events (monitoring).
     reference: "auto" (test-batch statistics when the model has BatchNorm, else the source model),
@@ -267,6 +268,8 @@ class CollapseGuard:
         self.lr_scale = 1.0  # product of the learning-rate backoffs applied so far
         self.stand_downs = 0
         self._futile_resets = 0  # drift resets since the last healthy decision
+        self._lrs_before_futile: list[float] | None = None  # learning rates before the first of them
+        self._lr_scale_before_futile = 1.0
         self._stood_down = False
         self._frozen = frozen_names(adapter)
         self._checkpoints: deque[_Checkpoint] = deque(maxlen=self.config.keep)
@@ -371,18 +374,31 @@ class CollapseGuard:
             target = older[-1] if older else self._checkpoints[0]
         stand_down = (action == "reset" and reason == "drift" and cfg.max_futile_resets > 0
                       and self._futile_resets >= cfg.max_futile_resets)
+        optimizer = getattr(self.adapter, "optimizer", None)
+        lr_scale = None
         if stand_down:
+            # the resets did not help: the disagreement is not the adaptation's doing, and neither was
+            # the learning rate too high; give back what their backoff took
             action = "stand_down"
             self._stood_down = True
             self.stand_downs += 1
+            if optimizer is not None and self._lrs_before_futile is not None:
+                for group, lr in zip(optimizer.param_groups, self._lrs_before_futile):
+                    group["lr"] = lr
+                self.lr_scale = self._lr_scale_before_futile
+                lr_scale = self.lr_scale
         elif action == "reset" and reason == "drift":
+            if self._futile_resets == 0:
+                self._lrs_before_futile = (None if optimizer is None
+                                           else [group["lr"] for group in optimizer.param_groups])
+                self._lr_scale_before_futile = self.lr_scale
             self._futile_resets += 1
-        lr_scale = None
+        elif action == "reset":  # a collapse: that reset works (and its backoff stays); a new row starts
+            self._futile_resets = 0
         if action == "reset":
             self.adapter.reset()
             self._checkpoints.clear()
             self._rolled_back = False
-            optimizer = getattr(self.adapter, "optimizer", None)
             if optimizer is not None and cfg.lr_backoff != 1.0:
                 for group in optimizer.param_groups:
                     group["lr"] *= cfg.lr_backoff
