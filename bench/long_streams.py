@@ -170,6 +170,8 @@ def _error_over(run: dict[str, Any], n: int) -> float:
 
 
 def report(out: Path, baseline: str | None = None) -> str:
+    from tta.engine.guard import count_actions
+
     runs = load_runs(out)
     if not runs:
         return f"no runs in {out}"
@@ -196,10 +198,9 @@ def report(out: Path, baseline: str | None = None) -> str:
                 diffs = [e - b for e, b in zip(_errors(run)[:n], _errors(ref)[:n])]
                 worst = f"{max(diffs):+.2f} (window {diffs.index(max(diffs)) + 1})"
                 over = f"{sum(d > 1.0 for d in diffs)} / {len(diffs)}"
-            events = run.get("guard_events", [])
-            stood = sum(e["action"] == "stand_down" for e in events)
-            act = (f"{sum(e['action'] == 'rollback' for e in events)} rb, {sum(e['action'] == 'reset' for e in events)} rs"
-                   + (f", {stood} stood down" if stood else "")
+            counts = count_actions(run.get("guard_events", []))
+            act = (f"{counts['rollback']} rb, {counts['reset']} rs"
+                   + (f", {counts['stand_down']} stood down" if counts["stand_down"] else "")
                    if v == "guard" else (f"{run['resets']} resets" if v == "reset" else "-"))
             lines.append(f"| {a} | {v} | {run['mean_error']:.2f} | {run['stream_error']:.2f} | {worst} | {over} | "
                          f"{act} | {run['images_per_s']:.0f} |")

@@ -163,6 +163,16 @@ class GuardConfig:
         return cls.from_mapping(values)
 
 
+#: the guard's actions that change the adapter (``stand_down`` and ``none`` only record an event)
+STATE_ACTIONS = ("rollback", "reset")
+
+
+def count_actions(events: list[Mapping[str, Any]]) -> dict[str, int]:
+    """How many guard events of each kind: rollback, reset, stand_down (from `events` or
+    `RunResult.guard_events`, also as read back from a results file)."""
+    return {kind: sum(e["action"] == kind for e in events) for kind in (*STATE_ACTIONS, "stand_down")}
+
+
 #: attribute of a model holding its card's guard settings (set by `tta.models.load`)
 GUARD_ATTR = "tta_guard"
 
@@ -266,7 +276,6 @@ class CollapseGuard:
         self.probes = 0
         self.checkpoints_taken = 0
         self.lr_scale = 1.0  # product of the learning-rate backoffs applied so far
-        self.stand_downs = 0
         self._futile_resets = 0  # drift resets since the last healthy decision
         self._lrs_before_futile: list[float] | None = None  # learning rates before the first of them
         self._lr_scale_before_futile = 1.0
@@ -381,7 +390,6 @@ class CollapseGuard:
             # the learning rate too high; give back what their backoff took
             action = "stand_down"
             self._stood_down = True
-            self.stand_downs += 1
             if optimizer is not None and self._lrs_before_futile is not None:
                 for group, lr in zip(optimizer.param_groups, self._lrs_before_futile):
                     group["lr"] = lr
@@ -419,15 +427,20 @@ class CollapseGuard:
             "signals": {k: round(v, 4) for k, v in signals.items()},
         }
         self.events.append(event)
-        if action in ("rollback", "reset"):  # otherwise the same state goes on being measured
+        if action in STATE_ACTIONS:  # otherwise the same state goes on being measured
             self._window.clear()
             self._entropy.clear()
             self._since_action = 0
         return event
+
+    @property
+    def stand_downs(self) -> int:
+        return count_actions(self.events)["stand_down"]
 
     def summary(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "probes": self.probes, "checkpoints": self.checkpoints_taken,
                 "events": len(self.events), "stand_downs": self.stand_downs, "lr_scale": self.lr_scale}
 
 
-__all__ = ["CollapseGuard", "GuardConfig", "declare_guard", "declared_guard", "default_guard", "reference_model"]
+__all__ = ["STATE_ACTIONS", "CollapseGuard", "GuardConfig", "count_actions", "declare_guard", "declared_guard",
+           "default_guard", "reference_model"]

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tta.engine.guard import STATE_ACTIONS
 from tta.engine.metrics import RunResult
 from tta.fileio import write_text_atomic
 
@@ -41,7 +42,7 @@ def results_dict(results: Mapping[str, RunResult]) -> dict[str, dict[str, Any]]:
             "resets": r.resets,
             "stream_error": None if r.stream_error is None else round(r.stream_error, 4),
             "nonfinite_outputs": r.nonfinite_outputs,
-            "guard_actions": sum(e["action"] in ("rollback", "reset") for e in r.guard_events),
+            "guard_actions": sum(e["action"] in STATE_ACTIONS for e in r.guard_events),
         }
         if r.realtime is not None:
             out[name]["realtime"] = dict(r.realtime)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tta.engine.guard import CollapseGuard, GuardConfig, default_guard
+from tta.engine.guard import CollapseGuard, GuardConfig, count_actions, default_guard
 from tta.engine.heap import DEFAULT_TRIM_EVERY, HeapTrimmer
 from tta.engine.metrics import BatchTrace, ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
@@ -270,11 +270,10 @@ def run_stream(
     if nonfinite_outputs:
         log(f"warning: {nonfinite_outputs} batch(es) produced NaN/Inf outputs")
     if watcher is not None:
-        acted = [e for e in watcher.events if e["action"] in ("rollback", "reset")]
-        stood = f", stood down {watcher.stand_downs} time(s)" if watcher.stand_downs else ""
-        log(f"guard: {len(acted)} action(s) ({sum(e['action'] == 'rollback' for e in acted)} rollbacks, "
-            f"{sum(e['action'] == 'reset' for e in acted)} resets){stood}, {watcher.probes} probes, "
-            f"{watcher.checkpoints_taken} checkpoints")
+        counts = count_actions(watcher.events)
+        stood = f", stood down {counts['stand_down']} time(s)" if counts["stand_down"] else ""
+        log(f"guard: {counts['rollback'] + counts['reset']} action(s) ({counts['rollback']} rollbacks, "
+            f"{counts['reset']} resets){stood}, {watcher.probes} probes, {watcher.checkpoints_taken} checkpoints")
     if skipped_batches:
         log(f"skipped {skipped_batches} batch(es) ({skipped_images} images) with non-finite or out-of-range "
             "values; counted as errors")
