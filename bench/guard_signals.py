@@ -6,7 +6,9 @@ and the label-free signals the guard pools: the share of the reference's confide
 (max-softmax >= 0.8 / 0.9 / 0.95) that the adapted model contradicts, how often those confident
 reference predictions are themselves wrong (the signal assumes rarely), agreement, prediction
 entropy, class diversity. `--report` prints them per window of `--window` batches: the gap
-(adapted - reference error, points) next to the signals.
+(adapted - reference error, points) next to the signals. It also records candidate signals that might
+tell an adapter which corrects the reference's confident mistakes from one which decays (see `COLUMNS`),
+with the share of contradictions the adapted model gets right, which is what they should track.
 
     nice -n 10 python bench/guard_signals.py --adapter tent --out runs/guard-signals/tent.npy
     python bench/guard_signals.py --out runs/guard-signals/tent.npy --report --window 50
@@ -24,9 +26,18 @@ import numpy as np
 import torch
 
 THRESHOLDS = (0.8, 0.9, 0.95)
-# columns: n, wrong adapted, wrong reference, disagreements, entropy adapted, entropy reference,
-# then per threshold: reliable, contradicted, reference wrong among reliable; then the two class histograms
-N, WRONG_AD, WRONG_REF, DISAGREE, ENT_AD, ENT_REF, PER_T = 0, 1, 2, 3, 4, 5, 6
+#: per-batch columns, then per threshold (reliable, contradicted, reference wrong among reliable), then the
+#: two class histograms (adapted, reference). The candidate columns are for the guard's default `confident`
+#: (0.9), each a way to tell an adapter that corrects the reference from one that decays:
+#: - stable: reliable predictions the reference also makes, as confidently, on the horizontally flipped
+#:   image (a reference answer that survives an augmentation is more often right);
+#: - sure: contradictions where the adapted model is itself confident (max-softmax >= 0.9);
+#: - second: contradictions where the adapted model picks the reference's second choice;
+#: - right: contradictions the adapted model gets right (labels: what the candidates should track).
+COLUMNS = ("n", "wrong_adapted", "wrong_reference", "disagree", "entropy_adapted", "entropy_reference",
+           "stable", "stable_contradicted", "stable_reference_wrong", "sure", "second", "right",
+           *(f"{name}@{t}" for t in THRESHOLDS for name in ("reliable", "contradicted", "reference_wrong")))
+COL = {name: i for i, name in enumerate(COLUMNS)}
 
 
 def record(args: argparse.Namespace) -> int:
@@ -55,11 +66,18 @@ def record(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 p = out.float() if adapter.output_kind == "probs" else out.float().softmax(1)
                 r = reference(b.x).float().softmax(1)
+                r_flip = reference(b.x.flip(-1)).float().softmax(1)
             pa, pr = p.argmax(1), r.argmax(1)
             conf = r.max(1).values
             c = p.shape[1]
+            reliable = conf >= 0.9
+            contra = reliable & (pa != pr)
+            stable = reliable & (r_flip.max(1).values >= 0.9) & (r_flip.argmax(1) == pr)
             row = [len(b), int((pa != b.y).sum()), int((pr != b.y).sum()), int((pa != pr).sum()),
-                   float(_normalised_entropy(p).mean()), float(_normalised_entropy(r).mean())]
+                   float(_normalised_entropy(p).mean()), float(_normalised_entropy(r).mean()),
+                   int(stable.sum()), int((stable & (pa != pr)).sum()), int((stable & (pr != b.y)).sum()),
+                   int((contra & (p.max(1).values >= 0.9)).sum()), int((contra & (pa == r.topk(2, 1).indices[:, 1])).sum()),
+                   int((contra & (pa == b.y)).sum())]
             for t in THRESHOLDS:
                 reliable = conf >= t
                 row += [int(reliable.sum()), int((reliable & (pa != pr)).sum()), int((reliable & (pr != b.y)).sum())]
@@ -78,26 +96,38 @@ def _diversity(hist: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / np.log(len(hist)))
 
 
+def _pct(x: float, of: float) -> float:
+    return 100 * x / max(1.0, of)
+
+
 def report(path: str, window: int) -> str:
     a = np.load(path)
-    c = (a.shape[1] - PER_T - 3 * len(THRESHOLDS)) // 2
-    hist0 = PER_T + 3 * len(THRESHOLDS)
-    lines = [f"{path}: {len(a)} batches, {int(a[:, N].sum()):,} images; windows of {window} batches",
+    if a.shape[1] < len(COLUMNS) + 2 or (a.shape[1] - len(COLUMNS)) % 2:
+        raise SystemExit(f"{path}: {a.shape[1]} columns per batch; not a record of this version of the script")
+    c = (a.shape[1] - len(COLUMNS)) // 2
+    hist0 = len(COLUMNS)
+    lines = [f"{path}: {len(a)} batches, {int(a[:, COL['n']].sum()):,} images; windows of {window} batches",
              "| batches | adapted error | reference error | gap | contradicted (conf >= 0.8 / 0.9 / 0.95) "
-             "| reference wrong when confident (0.9) | agreement | entropy ratio | diversity ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| reference wrong when confident (0.9) | contradictions right | stable: contradicted, reference wrong "
+             "| sure contradictions | second choice | agreement | entropy ratio | diversity ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in range(0, len(a), window):
-        b = a[s : s + window]
-        n = b[:, N].sum()
-        contra = [b[:, PER_T + 3 * i + 1].sum() / max(1.0, b[:, PER_T + 3 * i].sum()) for i in range(len(THRESHOLDS))]
-        t = PER_T + 3 * THRESHOLDS.index(0.9)  # the guard's default `confident`: its reliable set
-        ref_wrong = b[:, t + 2].sum() / max(1.0, b[:, t].sum())
-        div = _diversity(b[:, hist0 : hist0 + c].sum(0)) / _diversity(b[:, hist0 + c : hist0 + 2 * c].sum(0))
+        b = a[s : s + window].sum(0)
+        ent = a[s : s + window, [COL["entropy_adapted"], COL["entropy_reference"]]].mean(0)
+        n = b[COL["n"]]
+        contra = [_pct(b[COL[f"contradicted@{t}"]], b[COL[f"reliable@{t}"]]) for t in THRESHOLDS]
+        reliable, contradicted = b[COL["reliable@0.9"]], b[COL["contradicted@0.9"]]
+        div = _diversity(b[hist0 : hist0 + c]) / _diversity(b[hist0 + c : hist0 + 2 * c])
         lines.append(
-            f"| {s}-{s + len(b) - 1} | {100 * b[:, WRONG_AD].sum() / n:.2f} | {100 * b[:, WRONG_REF].sum() / n:.2f} | "
-            f"{100 * (b[:, WRONG_AD].sum() - b[:, WRONG_REF].sum()) / n:+.2f} | "
-            + " / ".join(f"{100 * x:.1f}%" for x in contra)
-            + f" | {100 * ref_wrong:.1f}% | {1 - b[:, DISAGREE].sum() / n:.3f} | {b[:, ENT_AD].mean() / b[:, ENT_REF].mean():.2f} | {div:.3f} |")
+            f"| {s}-{s + len(a[s : s + window]) - 1} | {_pct(b[COL['wrong_adapted']], n):.2f} "
+            f"| {_pct(b[COL['wrong_reference']], n):.2f} "
+            f"| {_pct(b[COL['wrong_adapted']] - b[COL['wrong_reference']], n):+.2f} | "
+            + " / ".join(f"{x:.1f}%" for x in contra)
+            + f" | {_pct(b[COL['reference_wrong@0.9']], reliable):.1f}% | {_pct(b[COL['right']], contradicted):.0f}% "
+            f"| {_pct(b[COL['stable_contradicted']], b[COL['stable']]):.2f}%, "
+            f"{_pct(b[COL['stable_reference_wrong']], b[COL['stable']]):.1f}% "
+            f"| {_pct(b[COL['sure']], reliable):.2f}% | {_pct(b[COL['second']], contradicted):.0f}% "
+            f"| {1 - b[COL['disagree']] / n:.3f} | {ent[0] / ent[1]:.2f} | {div:.3f} |")
     return "\n".join(lines)
 
 

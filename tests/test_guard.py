@@ -163,6 +163,56 @@ def test_stand_down_can_be_switched_off():
         GuardConfig(max_futile_resets=-1)
 
 
+class _SpreadReference(torch.nn.Module):
+    """A stand-in reference model that is sure of its answer and spreads its predictions over all ten
+    classes (the tiny test CNN puts every sample in one class)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (x.flatten(1).sum(1) * 1000).long().remainder(10)
+        return torch.nn.functional.one_hot(cls, 10).float() * 5  # max-softmax 0.94
+
+
+def test_drift_diversity_ratio_acts_only_on_contradictions_that_narrow_the_predictions():
+    """With `drift_diversity_ratio`, contradicting the reference is drift only when the adapted class
+    histogram is narrower than the reference's: an adapter correcting the reference keeps it as wide
+    (here every prediction moved to another class: the histogram is permuted, its diversity unchanged),
+    one confirming its own mistakes narrows it (here pairs of classes merged: five classes left)."""
+    cfg = GuardConfig(probe_every=1, window=2, drift_diversity_ratio=0.99)
+    data = batches(8, seed=4)
+
+    def guarded(config: GuardConfig) -> CollapseGuard:
+        guard = CollapseGuard(tta.adapt(tiny_cnn(), "tent"), config, record=True)
+        guard.reference = _SpreadReference()
+        return guard
+
+    def permuted(logits: torch.Tensor) -> torch.Tensor:
+        return logits.roll(1, dims=1)
+
+    def merged(logits: torch.Tensor) -> torch.Tensor:
+        return logits.view(-1, 5, 2).sum(2).repeat_interleave(2, 1) * torch.tensor([1.0, 0.0] * 5)
+
+    guard = guarded(cfg)
+    assert [guard.observe(k, x, permuted(guard.reference(x))) for k, x in enumerate(data)] == [None] * 8
+    signals = guard.history[-1]
+    assert signals["disagreement"] == 1.0 and signals["diversity_ratio"] == pytest.approx(1.0) and not guard.events
+
+    guard = guarded(cfg)
+    events = [guard.observe(k, x, merged(guard.reference(x))) for k, x in enumerate(data[:2])]
+    signals = guard.history[-1]
+    assert cfg.min_diversity_ratio < signals["diversity_ratio"] < 0.8 and signals["disagreement"] > 0.3
+    assert events[-1]["action"] == "reset" and events[-1]["reason"] == "drift"  # no checkpoint yet: reset
+
+    # without the setting the disagreement alone decides: the permuted outputs are drift too
+    guard = guarded(GuardConfig(probe_every=1, window=2))
+    assert guard.observe(0, data[0], permuted(guard.reference(data[0]))) is None
+    assert guard.observe(1, data[1], permuted(guard.reference(data[1])))["reason"] == "drift"
+    for bad in (0.0, 1.5, True, "x"):
+        with pytest.raises(ConfigError, match="drift_diversity_ratio"):
+            GuardConfig(drift_diversity_ratio=bad)
+    assert GuardConfig.parse(["drift_diversity_ratio=none"]).drift_diversity_ratio is None
+    assert GuardConfig.parse(["drift-diversity-ratio=0.99"]).drift_diversity_ratio == 0.99
+
+
 def test_collapse_onto_one_class_resets():
     adapter = tta.adapt(tiny_cnn(), "tent")
     guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=3))

@@ -28,7 +28,9 @@ Signals (cheap; every batch unless said otherwise)
 
 Decision rule (at each probe, once `window` probes have been seen since the last action)
 - collapse: ``diversity_ratio < min_diversity_ratio`` or ``entropy < min_entropy`` -> reset to source;
-- drift: pooled ``disagreement > max_disagreement`` -> roll back to the last healthy checkpoint
+- drift: pooled ``disagreement > max_disagreement`` (and, with `drift_diversity_ratio` set,
+  ``diversity_ratio < drift_diversity_ratio``: the contradictions come with narrowing predictions)
+  -> roll back to the last healthy checkpoint
   (`action="rollback"`, default) or reset (`action="reset"`); a second drift before a new healthy
   checkpoint was taken resets to source (the checkpoint did not hold).
 - every reset the guard makes also scales the optimizer's learning rates by `lr_backoff`: a model
@@ -91,6 +93,11 @@ class GuardConfig:
     lr_backoff: every reset the guard makes multiplies the adapter's optimizer learning rates by this
         (1 = off). A reset means the adapter collapsed, or drifted again from a rolled-back state: its
         adaptation is too aggressive for this stream, and resetting alone would replay the failure.
+    drift_diversity_ratio: when set (e.g. 0.99), a drift decision also needs the adapted predictions'
+        class diversity under this fraction of the reference's on the same batches; None: the
+        disagreement alone decides. An adapter that decays by confirming its own mistakes narrows its
+        class histogram as it goes, while one that corrects the reference's confident mistakes keeps it
+        at least as wide (measured in BENCHMARKS.md, "Telling correction from decay").
     max_futile_resets: drift resets in a row (no healthy decision or collapse between them) after which
         a further drift decision stands the guard down instead of resetting again, and restores the
         learning rates those resets backed off, until a decision is healthy (0 = never stand down).
@@ -109,6 +116,7 @@ class GuardConfig:
     checkpoint_every: int = 50
     keep: int = 3
     lr_backoff: float = 0.5
+    drift_diversity_ratio: float | None = None
     max_futile_resets: int = 3
     action: Literal["rollback", "reset", "none"] = "rollback"
     reference: Literal["auto", "bn", "source"] = "auto"
@@ -125,6 +133,10 @@ class GuardConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"guard {key} must be a number in [0, 1], got {value!r}")
+        value = self.drift_diversity_ratio
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.0 < value <= 1.0):
+            raise ConfigError(f"guard drift_diversity_ratio must be a number in (0, 1] or None (off), got {value!r}")
         if self.action not in ("rollback", "reset", "none"):
             raise ConfigError(f"guard action must be rollback, reset or none, got {self.action!r}")
         if self.reference not in ("auto", "bn", "source"):
@@ -335,7 +347,8 @@ class CollapseGuard:
         if self.history is not None:
             self.history.append({"batch": batch, **signals})
         collapse = signals["diversity_ratio"] < cfg.min_diversity_ratio or signals["entropy"] < cfg.min_entropy
-        drift = signals["disagreement"] > cfg.max_disagreement
+        drift = signals["disagreement"] > cfg.max_disagreement and (
+            cfg.drift_diversity_ratio is None or signals["diversity_ratio"] < cfg.drift_diversity_ratio)
         if not (collapse or drift):
             self._futile_resets = 0
             self._stood_down = False
