@@ -344,11 +344,14 @@ def test_long_stream_report_checks_each_guarded_run_against_its_plain_run(tmp_pa
     for name, data in {"bn.plain": run("bn", "plain", [10, 10, 10]),
                        "tent.plain": run("tent", "plain", [9, 12, 14]),
                        "tent.guard": run("tent", "guard", [9, 11.5, 10.5], [{"action": "rollback"}]),
-                       "tent@fast.guard": run("tent@fast", "guard", [9, 10.5, 15])}.items():
+                       "tent@fast.guard": run("tent@fast", "guard", [9, 10.5, 15]),
+                       "eta.guard": run("eta", "guard", [10, 10, 10])}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
     text = _bench_long_streams().report(tmp_path)
     lines = [line for line in text.splitlines() if line.startswith("- ")]
     assert lines == [
+        "- eta: worst guarded window +0.00 vs bn over 3 windows (met); guarded mean 10.00; no unguarded run in this "
+        "folder to compare with",
         "- tent: worst guarded window +1.50 vs bn over 3 windows (MISSED); guarded mean 10.33 vs unguarded 11.67 (met)",
         "- tent@fast: worst guarded window +5.00 vs bn over 3 windows (MISSED); guarded mean 11.50 vs unguarded 11.67 "
         "(met)",
