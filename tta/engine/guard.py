@@ -24,7 +24,9 @@ Signals (cheap; every batch unless said otherwise)
   corruptions) and 98% on the held-out corruptions. For the `vit-fmnist` source model they are right
   only 85% of the time on the test corruptions: an adapter that fixes a few of those mistakes (ETA)
   crosses the 1% bound and is rolled back although it is improving (BENCHMARKS.md, "Long streams").
-  Where the reference is that unreliable, raise `max_disagreement` or watch with ``action="none"``.
+  Where the reference is that unreliable, set `drift_diversity_ratio` (0.99 left ETA's corrections
+  alone there and on the CNN card still caught TENT's and ETA's decay), raise `max_disagreement`, or
+  watch with ``action="none"``.
 
 Decision rule (at each probe, once `window` probes have been seen since the last action)
 - collapse: ``diversity_ratio < min_diversity_ratio`` or ``entropy < min_entropy`` -> reset to source;
