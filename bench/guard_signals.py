@@ -26,12 +26,15 @@ import numpy as np
 import torch
 
 THRESHOLDS = (0.8, 0.9, 0.95)
+#: the guard's default `confident` (`GuardConfig.confident`): its reliable set, and the one the candidate
+#: signals and the report's single-threshold columns use
+CONFIDENT = 0.9
+assert CONFIDENT in THRESHOLDS
 #: per-batch columns, then per threshold (reliable, contradicted, reference wrong among reliable), then the
-#: two class histograms (adapted, reference). The candidate columns are for the guard's default `confident`
-#: (0.9), each a way to tell an adapter that corrects the reference from one that decays:
+#: two class histograms (adapted, reference). The candidate columns are for `CONFIDENT`, each a way to tell an adapter that corrects the reference from one that decays:
 #: - stable: reliable predictions the reference also makes, as confidently, on the horizontally flipped
 #:   image (a reference answer that survives an augmentation is more often right);
-#: - sure: contradictions where the adapted model is itself confident (max-softmax >= 0.9);
+#: - sure: contradictions where the adapted model is itself confident (max-softmax >= CONFIDENT);
 #: - second: contradictions where the adapted model picks the reference's second choice;
 #: - right: contradictions the adapted model gets right (labels: what the candidates should track).
 COLUMNS = ("n", "wrong_adapted", "wrong_reference", "disagree", "entropy_adapted", "entropy_reference",
@@ -70,17 +73,17 @@ def record(args: argparse.Namespace) -> int:
             pa, pr = p.argmax(1), r.argmax(1)
             conf = r.max(1).values
             c = p.shape[1]
-            reliable = conf >= 0.9
-            contra = reliable & (pa != pr)
-            stable = reliable & (r_flip.max(1).values >= 0.9) & (r_flip.argmax(1) == pr)
-            row = [len(b), int((pa != b.y).sum()), int((pr != b.y).sum()), int((pa != pr).sum()),
+            disagree = pa != pr
+            contra = (conf >= CONFIDENT) & disagree
+            stable = (conf >= CONFIDENT) & (r_flip.max(1).values >= CONFIDENT) & (r_flip.argmax(1) == pr)
+            row = [len(b), int((pa != b.y).sum()), int((pr != b.y).sum()), int(disagree.sum()),
                    float(_normalised_entropy(p).mean()), float(_normalised_entropy(r).mean()),
-                   int(stable.sum()), int((stable & (pa != pr)).sum()), int((stable & (pr != b.y)).sum()),
-                   int((contra & (p.max(1).values >= 0.9)).sum()), int((contra & (pa == r.topk(2, 1).indices[:, 1])).sum()),
-                   int((contra & (pa == b.y)).sum())]
+                   int(stable.sum()), int((stable & disagree).sum()), int((stable & (pr != b.y)).sum()),
+                   int((contra & (p.max(1).values >= CONFIDENT)).sum()),
+                   int((contra & (pa == r.topk(2, 1).indices[:, 1])).sum()), int((contra & (pa == b.y)).sum())]
             for t in THRESHOLDS:
                 reliable = conf >= t
-                row += [int(reliable.sum()), int((reliable & (pa != pr)).sum()), int((reliable & (pr != b.y)).sum())]
+                row += [int(reliable.sum()), int((reliable & disagree).sum()), int((reliable & (pr != b.y)).sum())]
             row += torch.bincount(pa, minlength=c).tolist() + torch.bincount(pr, minlength=c).tolist()
             rows.append(row)
             if k % 100 == 0:
@@ -108,7 +111,7 @@ def report(path: str, window: int) -> str:
     hist0 = len(COLUMNS)
     lines = [f"{path}: {len(a)} batches, {int(a[:, COL['n']].sum()):,} images; windows of {window} batches",
              "| batches | adapted error | reference error | gap | contradicted (conf >= 0.8 / 0.9 / 0.95) "
-             "| reference wrong when confident (0.9) | contradictions right | stable: contradicted, reference wrong "
+             f"| reference wrong when confident ({CONFIDENT}) | contradictions right | stable: contradicted, reference wrong "
              "| sure contradictions | second choice | agreement | entropy ratio | diversity ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in range(0, len(a), window):
@@ -116,14 +119,14 @@ def report(path: str, window: int) -> str:
         ent = a[s : s + window, [COL["entropy_adapted"], COL["entropy_reference"]]].mean(0)
         n = b[COL["n"]]
         contra = [_pct(b[COL[f"contradicted@{t}"]], b[COL[f"reliable@{t}"]]) for t in THRESHOLDS]
-        reliable, contradicted = b[COL["reliable@0.9"]], b[COL["contradicted@0.9"]]
+        reliable, contradicted = b[COL[f"reliable@{CONFIDENT}"]], b[COL[f"contradicted@{CONFIDENT}"]]
         div = _diversity(b[hist0 : hist0 + c]) / _diversity(b[hist0 + c : hist0 + 2 * c])
         lines.append(
             f"| {s}-{s + len(a[s : s + window]) - 1} | {_pct(b[COL['wrong_adapted']], n):.2f} "
             f"| {_pct(b[COL['wrong_reference']], n):.2f} "
             f"| {_pct(b[COL['wrong_adapted']] - b[COL['wrong_reference']], n):+.2f} | "
             + " / ".join(f"{x:.1f}%" for x in contra)
-            + f" | {_pct(b[COL['reference_wrong@0.9']], reliable):.1f}% | {_pct(b[COL['right']], contradicted):.0f}% "
+            + f" | {_pct(b[COL[f'reference_wrong@{CONFIDENT}']], reliable):.1f}% | {_pct(b[COL['right']], contradicted):.0f}% "
             f"| {_pct(b[COL['stable_contradicted']], b[COL['stable']]):.2f}%, "
             f"{_pct(b[COL['stable_reference_wrong']], b[COL['stable']]):.1f}% "
             f"| {_pct(b[COL['sure']], reliable):.2f}% | {_pct(b[COL['second']], contradicted):.0f}% "
