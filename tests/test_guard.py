@@ -213,6 +213,32 @@ def test_drift_diversity_ratio_acts_only_on_contradictions_that_narrow_the_predi
     assert GuardConfig.parse(["drift-diversity-ratio=0.99"]).drift_diversity_ratio == 0.99
 
 
+def test_contradictions_excused_by_the_diversity_ratio_are_not_healthy_decisions():
+    """A decision over the disagreement bound that `drift_diversity_ratio` excuses is neutral: it takes no
+    checkpoint, does not clear the count of futile resets and does not re-arm a stood-down guard (otherwise
+    an adapter whose source state contradicts the reference would be reset again at its next narrowing
+    window, the failure the stand-down exists to stop)."""
+    guard = CollapseGuard(tta.adapt(tiny_cnn(), "tent"),
+                          GuardConfig(probe_every=1, window=1, checkpoint_every=1, drift_diversity_ratio=0.99,
+                                      max_futile_resets=2), record=True)
+    guard.reference = _SpreadReference()
+    data = batches(8, seed=4)
+    excused = {1, 4, 6}  # contradicting without narrowing (permuted); the other batches narrow (merged)
+
+    def outputs(k: int) -> torch.Tensor:
+        ref = guard.reference(data[k])
+        if k in excused:
+            return ref.roll(1, dims=1)
+        return ref.view(-1, 5, 2).sum(2).repeat_interleave(2, 1) * torch.tensor([1.0, 0.0] * 5)
+
+    actions = [(k, e["action"]) for k in range(8) if (e := guard.observe(k, data[k], outputs(k)))]
+    # batch 1 does not clear the count of futile resets, batches 4 and 6 do not re-arm the stood-down guard
+    assert actions == [(0, "reset"), (2, "reset"), (3, "stand_down")]
+    assert guard.checkpoints_taken == 0 and guard.stand_downs == 1
+    assert all(h["disagreement"] > 0.3 for h in guard.history)
+    assert [h["diversity_ratio"] >= 0.99 for h in guard.history] == [k in excused for k in range(8)]
+
+
 def test_collapse_onto_one_class_resets():
     adapter = tta.adapt(tiny_cnn(), "tent")
     guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=3))

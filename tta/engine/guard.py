@@ -31,7 +31,9 @@ Signals (cheap; every batch unless said otherwise)
 Decision rule (at each probe, once `window` probes have been seen since the last action)
 - collapse: ``diversity_ratio < min_diversity_ratio`` or ``entropy < min_entropy`` -> reset to source;
 - drift: pooled ``disagreement > max_disagreement`` (and, with `drift_diversity_ratio` set,
-  ``diversity_ratio < drift_diversity_ratio``: the contradictions come with narrowing predictions)
+  ``diversity_ratio < drift_diversity_ratio``: the contradictions come with narrowing predictions;
+  a decision over the bound whose predictions do not narrow is neither acted on nor healthy: it does
+  not re-arm a stood-down guard or count as a healthy decision between futile resets)
   -> roll back to the last healthy checkpoint
   (`action="rollback"`, default) or reset (`action="reset"`); a second drift before a new healthy
   checkpoint was taken resets to source (the checkpoint did not hold).
@@ -99,7 +101,8 @@ class GuardConfig:
         class diversity under this fraction of the reference's on the same batches; None: the
         disagreement alone decides. An adapter that decays by confirming its own mistakes narrows its
         class histogram as it goes, while one that corrects the reference's confident mistakes keeps it
-        at least as wide (measured in BENCHMARKS.md, "Telling correction from decay").
+        at least as wide (measured in BENCHMARKS.md, "Telling correction from decay"). A decision
+        over the disagreement bound that this setting excuses is neutral: no action, and not healthy.
     max_futile_resets: drift resets in a row (no healthy decision or collapse between them) after which
         a further drift decision stands the guard down instead of resetting again, and restores the
         learning rates those resets backed off, until a decision is healthy (0 = never stand down).
@@ -349,8 +352,11 @@ class CollapseGuard:
         if self.history is not None:
             self.history.append({"batch": batch, **signals})
         collapse = signals["diversity_ratio"] < cfg.min_diversity_ratio or signals["entropy"] < cfg.min_entropy
-        drift = signals["disagreement"] > cfg.max_disagreement and (
+        contradicting = signals["disagreement"] > cfg.max_disagreement
+        drift = contradicting and (
             cfg.drift_diversity_ratio is None or signals["diversity_ratio"] < cfg.drift_diversity_ratio)
+        if contradicting and not (collapse or drift):
+            return None  # contradictions without narrowing: not acted on, but not healthy either
         if not (collapse or drift):
             self._futile_resets = 0
             self._stood_down = False
