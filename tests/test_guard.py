@@ -91,7 +91,8 @@ def test_rollback_restores_the_checkpoint_exactly():
 
 def test_drift_triggers_rollback_then_reset_when_it_returns():
     adapter = tta.adapt(tiny_cnn(), "tent", lr=1e-3)
-    cfg = GuardConfig(probe_every=1, window=2, checkpoint_every=1, max_disagreement=0.05, confident=0.0)
+    cfg = GuardConfig(probe_every=1, window=2, checkpoint_every=1, max_disagreement=0.05, confident=0.0,
+                      drift_diversity_ratio=None)  # the rolled outputs below do not narrow the histogram
     guard = CollapseGuard(adapter, cfg)
     data = batches(8)
     for k, x in enumerate(data[:4]):
@@ -121,7 +122,7 @@ def test_futile_resets_stand_the_guard_down_until_a_healthy_decision():
     adapter = tta.adapt(tiny_cnn(), "tent")
     lr0 = adapter.optimizer.param_groups[0]["lr"]
     guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, checkpoint_every=1, confident=0.0,
-                                               max_futile_resets=2))
+                                               max_futile_resets=2, drift_diversity_ratio=None))
     data = batches(24, seed=4)
 
     def feed(k: int, healthy: bool, collapsed: bool = False):
@@ -155,7 +156,8 @@ def test_futile_resets_stand_the_guard_down_until_a_healthy_decision():
 
 def test_stand_down_can_be_switched_off():
     adapter = tta.adapt(tiny_cnn(), "tent")
-    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, confident=0.0, max_futile_resets=0))
+    guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, confident=0.0, max_futile_resets=0,
+                                               drift_diversity_ratio=None))
     data = batches(12, seed=4)
     events = [guard.observe(k, data[k], guard.reference(data[k]).roll(1, dims=1)) for k in range(12)]
     assert [e["action"] for e in events if e] == ["reset"] * 6 and guard.stand_downs == 0
@@ -202,8 +204,9 @@ def test_drift_diversity_ratio_acts_only_on_contradictions_that_narrow_the_predi
     assert cfg.min_diversity_ratio < signals["diversity_ratio"] < 0.8 and signals["disagreement"] > 0.3
     assert events[-1]["action"] == "reset" and events[-1]["reason"] == "drift"  # no checkpoint yet: reset
 
+    assert GuardConfig().drift_diversity_ratio == 0.99  # the default
     # without the setting the disagreement alone decides: the permuted outputs are drift too
-    guard = guarded(GuardConfig(probe_every=1, window=2))
+    guard = guarded(GuardConfig(probe_every=1, window=2, drift_diversity_ratio=None))
     assert guard.observe(0, data[0], permuted(guard.reference(data[0]))) is None
     assert guard.observe(1, data[1], permuted(guard.reference(data[1])))["reason"] == "drift"
     for bad in (0.0, 1.5, True, "x"):

@@ -23,15 +23,18 @@ Signals (cheap; every batch unless said otherwise)
   they are right 93% of the time for the `resnet20-fmnist` card (test-batch statistics, the 15 test
   corruptions) and 98% on the held-out corruptions. For the `vit-fmnist` source model they are right
   only 85% of the time on the test corruptions: an adapter that fixes a few of those mistakes (ETA)
-  crosses the 1% bound and is rolled back although it is improving (BENCHMARKS.md, "Long streams").
-  Where the reference is that unreliable, set `drift_diversity_ratio` (0.99 left ETA's corrections
-  alone there and on the CNN card still caught TENT's and ETA's decay), raise `max_disagreement`, or
-  watch with ``action="none"``.
+  crosses the 1% bound although it is improving (BENCHMARKS.md, "Long streams"). So by default a
+  drift decision also needs the class diversity of the adapted predictions to narrow
+  (`drift_diversity_ratio`, 0.99): an adapter that corrects the reference keeps its predictions as
+  spread over the classes as the reference's, one that decays by confirming its own mistakes narrows
+  them. With it ETA's, RMT's and ROID's corrections are left alone and TENT's, ETA's, EATA's and DeYO's
+  decay on the CNN card is still caught; ``drift_diversity_ratio=None`` lets the disagreement alone
+  decide.
 
 Decision rule (at each probe, once `window` probes have been seen since the last action)
 - collapse: ``diversity_ratio < min_diversity_ratio`` or ``entropy < min_entropy`` -> reset to source;
-- drift: pooled ``disagreement > max_disagreement`` (and, with `drift_diversity_ratio` set,
-  ``diversity_ratio < drift_diversity_ratio``: the contradictions come with narrowing predictions;
+- drift: pooled ``disagreement > max_disagreement`` and (unless `drift_diversity_ratio` is None)
+  ``diversity_ratio < drift_diversity_ratio`` (the contradictions come with narrowing predictions;
   a decision over the bound whose predictions do not narrow is neither acted on nor healthy: it does
   not re-arm a stood-down guard or count as a healthy decision between futile resets)
   -> roll back to the last healthy checkpoint
@@ -97,9 +100,9 @@ class GuardConfig:
     lr_backoff: every reset the guard makes multiplies the adapter's optimizer learning rates by this
         (1 = off). A reset means the adapter collapsed, or drifted again from a rolled-back state: its
         adaptation is too aggressive for this stream, and resetting alone would replay the failure.
-    drift_diversity_ratio: when set (e.g. 0.99), a drift decision also needs the adapted predictions'
-        class diversity under this fraction of the reference's on the same batches; None: the
-        disagreement alone decides. An adapter that decays by confirming its own mistakes narrows its
+    drift_diversity_ratio: a drift decision also needs the adapted predictions' class diversity under
+        this fraction of the reference's on the same batches (default 0.99); None: the disagreement
+        alone decides. An adapter that decays by confirming its own mistakes narrows its
         class histogram as it goes, while one that corrects the reference's confident mistakes keeps it
         at least as wide (measured in BENCHMARKS.md, "Telling correction from decay"). A decision
         over the disagreement bound that this setting excuses is neutral: no action, and not healthy.
@@ -121,7 +124,7 @@ class GuardConfig:
     checkpoint_every: int = 50
     keep: int = 3
     lr_backoff: float = 0.5
-    drift_diversity_ratio: float | None = None
+    drift_diversity_ratio: float | None = 0.99
     max_futile_resets: int = 3
     action: Literal["rollback", "reset", "none"] = "rollback"
     reference: Literal["auto", "bn", "source"] = "auto"
