@@ -14,6 +14,14 @@ with the share of contradictions the adapted model gets right, which is what the
     python bench/guard_signals.py --out runs/guard-signals/tent.npy --report --window 50
 
 The array is saved every 100 batches, so a long run can be stopped and reported on.
+
+`--rule` replays guard decision rules (`GuardConfig` settings) on a record: up to a rule's first
+action the guarded run sees the unguarded run's predictions, so the record says when each rule would
+first act, on what signal values and at what true gap (an adapter that improves on the reference
+should draw no action; a decaying one should draw it early):
+
+    python bench/guard_signals.py --out runs/guard-signals/tent.npy --rule probe_every=4,window=8 \
+        --rule probe_every=1,window=4 --rule probe_every=1,window=4,diversity_window=32
 """
 
 from __future__ import annotations
@@ -134,6 +142,56 @@ def report(path: str, window: int) -> str:
     return "\n".join(lines)
 
 
+def replay(path: str, settings: str) -> dict:
+    """When the guard rule `settings` ("key=value,key=value" on `GuardConfig`'s defaults) would first
+    act on the recorded run: its drift and collapse decisions, pooled as `CollapseGuard` pools them
+    (the contradictions and the collapse signals over the last `window` probes, the narrowing over the
+    last `diversity_window`), up to the first one (after an action the run is no longer the record's).
+    The entropy-floor collapse test is left out (it needs every batch's entropy, not the probes')."""
+    from tta.engine.guard import GuardConfig
+
+    cfg = GuardConfig.parse([item for item in settings.split(",") if item])
+    if cfg.confident != CONFIDENT:
+        raise SystemExit(f"records hold contradictions at confidence {CONFIDENT} only, not {cfg.confident}")
+    a = np.load(path)
+    c = (a.shape[1] - len(COLUMNS)) // 2
+    hist, ref_hist = a[:, len(COLUMNS) : len(COLUMNS) + c], a[:, len(COLUMNS) + c :]
+    probes = np.arange(0, len(a), cfg.probe_every)
+    decisions = 0
+    for i in range(cfg.window - 1, len(probes)):
+        short = probes[i + 1 - cfg.window : i + 1]
+        long = probes[max(0, i + 1 - (cfg.diversity_window or cfg.window)) : i + 1]
+        reliable = a[short, COL[f"reliable@{CONFIDENT}"]].sum()
+        disagreement = a[short, COL[f"contradicted@{CONFIDENT}"]].sum() / reliable if reliable else 0.0
+        ratio = _diversity(hist[short].sum(0)) / _diversity(ref_hist[short].sum(0))
+        narrowing = _diversity(hist[long].sum(0)) / _diversity(ref_hist[long].sum(0))
+        decisions += 1
+        collapse = ratio < cfg.min_diversity_ratio
+        drift = disagreement > cfg.max_disagreement and (
+            cfg.drift_diversity_ratio is None or narrowing < cfg.drift_diversity_ratio)
+        if collapse or drift:
+            k = int(probes[i])
+            before = a[max(0, k - 24) : k + 1].sum(0)
+            return {"rule": settings, "decisions": decisions, "batch": k, "reason": "collapse" if collapse else "drift",
+                    "disagreement": disagreement, "diversity_ratio": ratio, "narrowing": narrowing,
+                    "gap": _pct(before[COL["wrong_adapted"]] - before[COL["wrong_reference"]], before[COL["n"]])}
+    return {"rule": settings, "decisions": decisions, "batch": None}
+
+
+def replay_report(path: str, rules: list[str]) -> str:
+    lines = [f"{path}: first action of each rule (gap: adapted - reference error over the 25 batches up to it)",
+             "| rule | decisions | first action | disagreement | diversity ratio (decision / narrowing) | gap |",
+             "|---|---|---|---|---|---|"]
+    for rule in rules:
+        r = replay(path, rule)
+        if r["batch"] is None:
+            lines.append(f"| {rule} | {r['decisions']} | none | | | |")
+        else:
+            lines.append(f"| {rule} | {r['decisions']} | batch {r['batch']} ({r['reason']}) | {100 * r['disagreement']:.2f}% "
+                         f"| {r['diversity_ratio']:.3f} / {r['narrowing']:.3f} | {r['gap']:+.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", default="tent")
@@ -147,7 +205,12 @@ def main() -> int:
     p.add_argument("--out", required=True, help=".npy file of per-batch records")
     p.add_argument("--report", action="store_true")
     p.add_argument("--window", type=int, default=50, help="batches per row of the report")
+    p.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE,...",
+                   help="replay a guard rule (GuardConfig settings) on the record: when it would first act")
     args = p.parse_args()
+    if args.rule:
+        print(replay_report(args.out, args.rule))
+        return 0
     if not args.report:
         record(args)
     print(report(args.out, args.window))

@@ -242,6 +242,44 @@ def test_contradictions_excused_by_the_diversity_ratio_are_not_healthy_decisions
     assert [h["diversity_ratio"] >= 0.99 for h in guard.history] == [k in excused for k in range(8)]
 
 
+def test_diversity_window_pools_the_narrowing_over_a_longer_span():
+    """With `diversity_window`, the narrowing a drift decision needs is pooled over that many probes while
+    the contradictions (and collapse) are judged on the short decision window: one narrow batch among wide
+    ones no longer reads as decay; narrowing that persists still does, and so does collapse."""
+    data = batches(9, seed=4)
+
+    def run(config: GuardConfig, narrow: set[int], collapse_at: int | None = None) -> list:
+        guard = CollapseGuard(tta.adapt(tiny_cnn(), "tent"), config, record=True)
+        guard.reference = _SpreadReference()
+        events = []
+        for k, x in enumerate(data):
+            ref = guard.reference(x)
+            if k == collapse_at:
+                out = torch.full_like(ref, -10.0)
+                out[:, 3] = 10.0
+            elif k in narrow:  # pairs of classes merged: five classes left
+                out = ref.view(-1, 5, 2).sum(2).repeat_interleave(2, 1) * torch.tensor([1.0, 0.0] * 5)
+            else:  # every prediction moved to another class: contradicting, as wide as the reference
+                out = ref.roll(1, dims=1)
+            events.append(guard.observe(k, x, out))
+        return [(k, e["action"], e["reason"]) for k, e in enumerate(events) if e], guard
+
+    short = GuardConfig(probe_every=1, window=1, checkpoint_every=1)
+    pooled = GuardConfig(probe_every=1, window=1, checkpoint_every=1, diversity_window=8)
+    assert run(short, {7})[0] == [(7, "reset", "drift")]  # one narrow batch decides alone
+    acted, guard = run(pooled, {7})
+    narrow = next(h for h in guard.history if h["batch"] == 7)
+    assert acted == [] and narrow["diversity_ratio"] < 0.8 and narrow["disagreement"] > 0.3
+    assert narrow["slow_diversity_ratio"] >= 0.99  # pooled over 8 probes the histogram stays wide
+    # persistent narrowing is drift under the pooled ratio too, and collapse is judged on the short window
+    assert run(pooled, set(range(3, 9)))[0][0][1:] == ("reset", "drift")
+    assert run(pooled, set(), collapse_at=6)[0] == [(6, "reset", "collapse")]
+    assert "slow_diversity_ratio" not in run(short, set())[1].history[-1]
+    with pytest.raises(ConfigError, match="diversity_window"):
+        GuardConfig(window=8, diversity_window=4)
+    assert GuardConfig.parse(["diversity_window=32"]).diversity_window == 32
+
+
 def test_collapse_onto_one_class_resets():
     adapter = tta.adapt(tiny_cnn(), "tent")
     guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=3))
@@ -387,3 +425,58 @@ def test_tent_at_100x_learning_rate_is_caught_and_recovered(fmnist_noise):
     assert err(guarded, tail) < err(bn, tail) + 10
     assert guarded.stream_error < plain.stream_error - 25
     assert guarded.guard["lr_scale"] < 1.0
+
+
+def _bench_guard_signals():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "guard_signals.py"
+    spec = importlib.util.spec_from_file_location("bench_guard_signals", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("settings", ["probe_every=1,window=2", "probe_every=2,window=3",
+                                      "probe_every=1,window=2,diversity_window=6",
+                                      "probe_every=1,window=2,drift_diversity_ratio=none"])
+def test_guard_signals_replay_finds_the_guards_first_action(tmp_path, settings):
+    """`bench/guard_signals.py --rule` replays a decision rule on a recorded run: its first action (batch,
+    reason) is the one a `CollapseGuard` with those settings takes on the same predictions."""
+    gs = _bench_guard_signals()
+    data = batches(12, seed=4)
+    reference = _SpreadReference()
+    narrow = {5, 7, 8, 9}  # contradicting and merged onto five classes; the other batches permuted (wide)
+
+    def outputs(k: int, ref: torch.Tensor) -> torch.Tensor:
+        if k == 11:
+            return torch.nn.functional.one_hot(torch.zeros(len(ref), dtype=torch.long), 10).float() * 9
+        if k in narrow:
+            return ref.view(-1, 5, 2).sum(2).repeat_interleave(2, 1) * torch.tensor([1.0, 0.0] * 5)
+        return ref.roll(1, dims=1) if k >= 3 else ref
+
+    rows = []
+    for k, x in enumerate(data):
+        ref = reference(x)
+        p, r = outputs(k, ref).softmax(1), ref.softmax(1)
+        pa, pr = p.argmax(1), r.argmax(1)
+        row = np.zeros(len(gs.COLUMNS) + 20)
+        row[gs.COL["n"]] = len(x)
+        for t in gs.THRESHOLDS:
+            reliable = r.max(1).values >= t
+            row[gs.COL[f"reliable@{t}"]] = int(reliable.sum())
+            row[gs.COL[f"contradicted@{t}"]] = int((reliable & (pa != pr)).sum())
+        row[len(gs.COLUMNS):] = torch.cat([torch.bincount(pa, minlength=10), torch.bincount(pr, minlength=10)]).numpy()
+        rows.append(row)
+    record = tmp_path / "record.npy"
+    np.save(record, np.array(rows))
+    replayed = gs.replay(str(record), settings)
+
+    guard = CollapseGuard(tta.adapt(tiny_cnn(), "tent"),
+                          GuardConfig.parse(settings.split(",")))
+    guard.reference = reference
+    first = next((k, e["reason"]) for k, x in enumerate(data)
+                 if (e := guard.observe(k, x, outputs(k, reference(x)))) is not None)
+    assert (replayed["batch"], replayed["reason"]) == first
+    assert replayed["disagreement"] == pytest.approx(guard.events[0]["signals"]["disagreement"], abs=1e-4)

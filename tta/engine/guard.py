@@ -34,7 +34,8 @@ Signals (cheap; every batch unless said otherwise)
 Decision rule (at each probe, once `window` probes have been seen since the last action)
 - collapse: ``diversity_ratio < min_diversity_ratio`` or ``entropy < min_entropy`` -> reset to source;
 - drift: pooled ``disagreement > max_disagreement`` and (unless `drift_diversity_ratio` is None)
-  ``diversity_ratio < drift_diversity_ratio`` (the contradictions come with narrowing predictions;
+  ``diversity_ratio < drift_diversity_ratio``, the ratio pooled over `diversity_window` probes when
+  that is set (the contradictions come with narrowing predictions;
   a decision over the bound whose predictions do not narrow is neither acted on nor healthy: it does
   not re-arm a stood-down guard or count as a healthy decision between futile resets)
   -> roll back to the last healthy checkpoint
@@ -106,6 +107,13 @@ class GuardConfig:
         class histogram as it goes, while one that corrects the reference's confident mistakes keeps it
         at least as wide (measured in BENCHMARKS.md, "Telling correction from decay"). A decision
         over the disagreement bound that this setting excuses is neutral: no action, and not healthy.
+    diversity_window: probes pooled for the diversity ratio that `drift_diversity_ratio` tests (None: the
+        decision's `window`; otherwise at least `window`). A class histogram over a few hundred images
+        is noisy: over 4-8 probed batches of 200 images the ratio of an adapter that corrects the
+        reference dips under 0.99 now and then, and a guard that decides often (small `probe_every`)
+        meets those dips. Pooling the narrowing over a longer span keeps its estimate steady while the
+        contradictions, and collapse, are still judged on the short window. Pooled over the probes
+        since the last action, so right after one it is the decision window's.
     max_futile_resets: drift resets in a row (no healthy decision or collapse between them) after which
         a further drift decision stands the guard down instead of resetting again, and restores the
         learning rates those resets backed off, until a decision is healthy (0 = never stand down).
@@ -125,6 +133,7 @@ class GuardConfig:
     keep: int = 3
     lr_backoff: float = 0.5
     drift_diversity_ratio: float | None = 0.99
+    diversity_window: int | None = None
     max_futile_resets: int = 3
     action: Literal["rollback", "reset", "none"] = "rollback"
     reference: Literal["auto", "bn", "source"] = "auto"
@@ -137,6 +146,10 @@ class GuardConfig:
         value = self.max_futile_resets
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"guard max_futile_resets must be an integer >= 0 (0 = never stand down), got {value!r}")
+        value = self.diversity_window
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < self.window):
+            raise ConfigError(f"guard diversity_window must be an integer >= window ({self.window}) or None "
+                              f"(the decision window), got {value!r}")
         for key in ("confident", "max_disagreement", "min_diversity_ratio", "min_entropy", "lr_backoff"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -253,6 +266,15 @@ def _normalised_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
 
 
+def _diversity(probes: list[dict[str, Any]]) -> tuple[float, float]:
+    """Class diversity of the adapted predictions pooled over `probes`, and its ratio to the reference's."""
+    hist = torch.stack([e["hist"] for e in probes]).sum(0).double()
+    ref_hist = torch.stack([e["ref_hist"] for e in probes]).sum(0).double()
+    diversity = float(_normalised_entropy(hist / hist.sum()))
+    ref_diversity = float(_normalised_entropy(ref_hist / ref_hist.sum()))
+    return diversity, diversity / ref_diversity if ref_diversity > 0 else 1.0
+
+
 class _Checkpoint:
     """In-memory copy of an adapter's adapted state (`tta.engine.adapted_state`: frozen tensors are
     shared, neither copied nor written back)."""
@@ -304,7 +326,8 @@ class CollapseGuard:
         self._checkpoints: deque[_Checkpoint] = deque(maxlen=self.config.keep)
         self._since_action = 0
         self._rolled_back = False
-        self._window: deque[dict[str, Any]] = deque(maxlen=self.config.window)
+        #: the probes since the last action: the last `window` decide, all of them pool `diversity_window`
+        self._window: deque[dict[str, Any]] = deque(maxlen=max(self.config.window, self.config.diversity_window or 0))
         self._entropy: deque[float] = deque(maxlen=self.config.window * self.config.probe_every)
         #: with `record`, the pooled signals at every decision ({"batch": k, **signals}), for analysis
         self.history: list[dict[str, float]] | None = [] if record else None
@@ -356,8 +379,8 @@ class CollapseGuard:
             self.history.append({"batch": batch, **signals})
         collapse = signals["diversity_ratio"] < cfg.min_diversity_ratio or signals["entropy"] < cfg.min_entropy
         contradicting = signals["disagreement"] > cfg.max_disagreement
-        drift = contradicting and (
-            cfg.drift_diversity_ratio is None or signals["diversity_ratio"] < cfg.drift_diversity_ratio)
+        narrowing = signals.get("slow_diversity_ratio", signals["diversity_ratio"])
+        drift = contradicting and (cfg.drift_diversity_ratio is None or narrowing < cfg.drift_diversity_ratio)
         if contradicting and not (collapse or drift):
             return None  # contradictions without narrowing: not acted on, but not healthy either
         if not (collapse or drift):
@@ -375,23 +398,25 @@ class CollapseGuard:
         return self._act(batch, "collapse" if collapse else "drift", signals)
 
     def signals(self) -> dict[str, float]:
-        """The pooled signals of the current window."""
-        w = list(self._window)
+        """The pooled signals of the current window (and, with `diversity_window`, the slow diversity
+        ratio over the probes since the last action, at most that many)."""
+        probes = list(self._window)
+        w = probes[-self.config.window:]
         n = sum(e["n"] for e in w)
         reliable = sum(e["reliable"] for e in w)
-        hist = torch.stack([e["hist"] for e in w]).sum(0).double()
-        ref_hist = torch.stack([e["ref_hist"] for e in w]).sum(0).double()
-        diversity = float(_normalised_entropy(hist / hist.sum()))
-        ref_diversity = float(_normalised_entropy(ref_hist / ref_hist.sum()))
-        return {
+        diversity, ratio = _diversity(w)
+        signals = {
             "entropy": sum(self._entropy) / len(self._entropy),
             "ref_entropy": sum(e["ref_entropy"] for e in w) / len(w),
             "diversity": diversity,
-            "diversity_ratio": diversity / ref_diversity if ref_diversity > 0 else 1.0,
+            "diversity_ratio": ratio,
             "agreement": sum(e["agree"] for e in w) / n,
             "disagreement": sum(e["contradicted"] for e in w) / reliable if reliable else 0.0,
             "reliable": reliable / n,
         }
+        if self.config.diversity_window is not None:
+            signals["slow_diversity_ratio"] = _diversity(probes)[1]
+        return signals
 
     def _act(self, batch: int, reason: str, signals: dict[str, float]) -> dict[str, Any]:
         cfg = self.config
