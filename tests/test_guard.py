@@ -10,7 +10,7 @@ import torch
 
 import tta
 from engine_helpers import single_thread  # noqa: F401  (fixture)
-from engine_helpers import assert_same_tensors, domain_data, model_tensors, tensor_stream, tiny_cnn
+from engine_helpers import assert_same_tensors, bench_script, domain_data, model_tensors, tensor_stream, tiny_cnn
 from tta.engine import CollapseGuard, GuardConfig, run_stream
 from tta.engine.guard import declare_guard, declared_guard, default_guard, reference_model
 from tta.errors import ConfigError, DataNotFoundError, InvalidInputError
@@ -427,24 +427,13 @@ def test_tent_at_100x_learning_rate_is_caught_and_recovered(fmnist_noise):
     assert guarded.guard["lr_scale"] < 1.0
 
 
-def _bench_guard_signals():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "guard_signals.py"
-    spec = importlib.util.spec_from_file_location("bench_guard_signals", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("settings", ["probe_every=1,window=2", "probe_every=2,window=3",
                                       "probe_every=1,window=2,diversity_window=6",
                                       "probe_every=1,window=2,drift_diversity_ratio=none"])
 def test_guard_signals_replay_finds_the_guards_first_action(tmp_path, settings):
     """`bench/guard_signals.py --rule` replays a decision rule on a recorded run: its first action (batch,
     reason) is the one a `CollapseGuard` with those settings takes on the same predictions."""
-    gs = _bench_guard_signals()
+    gs = bench_script("guard_signals")
     data = batches(12, seed=4)
     reference = _SpreadReference()
     narrow = {5, 7, 8, 9}  # contradicting and merged onto five classes; the other batches permuted (wide)

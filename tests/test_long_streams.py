@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 import tta
 from engine_helpers import single_thread  # noqa: F401  (fixture)
-from engine_helpers import tiny_cnn
+from engine_helpers import bench_script, tiny_cnn
 from tta.engine import run_stream
 from tta.errors import ConfigError, DataNotFoundError
 from tta.streams.ccc import DIFFICULTIES, CCCCalibration, best_path, calibrate, ccc_plans
@@ -321,16 +320,6 @@ def test_generated_stream_runs_with_prefetch_and_windows(clean):
     assert total_wrong == pytest.approx(result.stream_error * 120 / 100)
 
 
-def _bench_long_streams():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "long_streams.py"
-    spec = importlib.util.spec_from_file_location("bench_long_streams", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_long_stream_report_checks_each_guarded_run_against_its_plain_run(tmp_path):
     """bench/long_streams.py --report: the acceptance line of a guarded run, tagged (other guard settings)
     or not, compares its windows with the comparator's and its mean with the same adapter's plain run."""
@@ -347,7 +336,7 @@ def test_long_stream_report_checks_each_guarded_run_against_its_plain_run(tmp_pa
                        "tent@fast.guard": run("tent@fast", "guard", [9, 10.5, 15]),
                        "eta.guard": run("eta", "guard", [10, 10, 10])}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
-    text = _bench_long_streams().report(tmp_path)
+    text = bench_script("long_streams").report(tmp_path)
     lines = [line for line in text.splitlines() if line.startswith("- ")]
     assert lines == [
         "- eta: worst guarded window +0.00 vs bn over 3 windows (met); guarded mean 10.00; no unguarded run in this "
