@@ -157,15 +157,18 @@ def replay(path: str, settings: str) -> dict:
     c = (a.shape[1] - len(COLUMNS)) // 2
     hist, ref_hist = a[:, len(COLUMNS) : len(COLUMNS) + c], a[:, len(COLUMNS) + c :]
     probes = np.arange(0, len(a), cfg.probe_every)
-    decisions = 0
+
+    def diversity_ratio(batches: np.ndarray) -> float:  # as the guard's: 1 when the reference's is 0
+        ref = _diversity(ref_hist[batches].sum(0))
+        return _diversity(hist[batches].sum(0)) / ref if ref > 0 else 1.0
+
     for i in range(cfg.window - 1, len(probes)):
+        decisions = i + 2 - cfg.window
         short = probes[i + 1 - cfg.window : i + 1]
         long = probes[max(0, i + 1 - (cfg.diversity_window or cfg.window)) : i + 1]
         reliable = a[short, COL[f"reliable@{CONFIDENT}"]].sum()
         disagreement = a[short, COL[f"contradicted@{CONFIDENT}"]].sum() / reliable if reliable else 0.0
-        ratio = _diversity(hist[short].sum(0)) / _diversity(ref_hist[short].sum(0))
-        narrowing = _diversity(hist[long].sum(0)) / _diversity(ref_hist[long].sum(0))
-        decisions += 1
+        ratio, narrowing = diversity_ratio(short), diversity_ratio(long)
         collapse = ratio < cfg.min_diversity_ratio
         drift = disagreement > cfg.max_disagreement and (
             cfg.drift_diversity_ratio is None or narrowing < cfg.drift_diversity_ratio)
@@ -175,7 +178,7 @@ def replay(path: str, settings: str) -> dict:
             return {"rule": settings, "decisions": decisions, "batch": k, "reason": "collapse" if collapse else "drift",
                     "disagreement": disagreement, "diversity_ratio": ratio, "narrowing": narrowing,
                     "gap": _pct(before[COL["wrong_adapted"]] - before[COL["wrong_reference"]], before[COL["n"]])}
-    return {"rule": settings, "decisions": decisions, "batch": None}
+    return {"rule": settings, "decisions": max(0, len(probes) + 1 - cfg.window), "batch": None}
 
 
 def replay_report(path: str, rules: list[str]) -> str:

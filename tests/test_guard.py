@@ -248,7 +248,7 @@ def test_diversity_window_pools_the_narrowing_over_a_longer_span():
     ones no longer reads as decay; narrowing that persists still does, and so does collapse."""
     data = batches(9, seed=4)
 
-    def run(config: GuardConfig, narrow: set[int], collapse_at: int | None = None) -> list:
+    def run(config: GuardConfig, narrow: set[int], collapse_at: int | None = None) -> tuple[list, CollapseGuard]:
         guard = CollapseGuard(tta.adapt(tiny_cnn(), "tent"), config, record=True)
         guard.reference = _SpreadReference()
         events = []
