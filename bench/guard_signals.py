@@ -111,11 +111,19 @@ def _pct(x: float, of: float) -> float:
     return 100 * x / max(1.0, of)
 
 
+def load_record(path: str) -> tuple[np.ndarray, int]:
+    """A record written by `record` (per-batch rows) and its number of classes; a clear exit otherwise."""
+    try:
+        a = np.load(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read a record ({e})") from e
+    if a.ndim != 2 or a.shape[1] < len(COLUMNS) + 2 or (a.shape[1] - len(COLUMNS)) % 2:
+        raise SystemExit(f"{path}: shape {a.shape}; not a record of this version of the script")
+    return a, (a.shape[1] - len(COLUMNS)) // 2
+
+
 def report(path: str, window: int) -> str:
-    a = np.load(path)
-    if a.shape[1] < len(COLUMNS) + 2 or (a.shape[1] - len(COLUMNS)) % 2:
-        raise SystemExit(f"{path}: {a.shape[1]} columns per batch; not a record of this version of the script")
-    c = (a.shape[1] - len(COLUMNS)) // 2
+    a, c = load_record(path)
     hist0 = len(COLUMNS)
     lines = [f"{path}: {len(a)} batches, {int(a[:, COL['n']].sum()):,} images; windows of {window} batches",
              "| batches | adapted error | reference error | gap | contradicted (conf >= 0.8 / 0.9 / 0.95) "
@@ -153,8 +161,7 @@ def replay(path: str, settings: str) -> dict:
     cfg = GuardConfig.parse([item for item in settings.split(",") if item])
     if cfg.confident != CONFIDENT:
         raise SystemExit(f"records hold contradictions at confidence {CONFIDENT} only, not {cfg.confident}")
-    a = np.load(path)
-    c = (a.shape[1] - len(COLUMNS)) // 2
+    a, c = load_record(path)
     hist, ref_hist = a[:, len(COLUMNS) : len(COLUMNS) + c], a[:, len(COLUMNS) + c :]
     probes = np.arange(0, len(a), cfg.probe_every)
 
