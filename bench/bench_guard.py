@@ -9,9 +9,9 @@ alike; medians over rounds):
 - other: ``guard.observe`` on a batch that is not probed (entropy of the outputs only);
 - checkpoint: one healthy checkpoint (copy of the adapted tensors and optimizer state).
 
-The overhead per step at the default settings, relative to the step, is
-(probe + (probe_every - 1) * other) / probe_every + checkpoint / checkpoint_every (checkpoints are
-taken at most once per checkpoint_every batches, so the last term is an upper bound).
+The overhead per step of each guard preset (`GuardConfig.PRESETS`: default, strict), relative to the
+step, is (probe + (probe_every - 1) * other) / probe_every + checkpoint / checkpoint_every
+(checkpoints are taken at most once per checkpoint_every batches, so the last term is an upper bound).
 
     nice -n 10 python bench/bench_guard.py --adapters bn,tent,cotta --set cotta.ap=card --rounds 9
 """
@@ -49,7 +49,7 @@ def main() -> int:
     x = torch.from_numpy(corrupt(images[: args.batch_size], "gaussian_noise", 5, seed=0)).permute(0, 3, 1, 2)
     x = x.float().div(255).contiguous()
     card = args.model or tta.models.DEFAULT_CARD
-    cfg = GuardConfig()
+    presets = {name: GuardConfig.from_mapping({"preset": name}) for name in GuardConfig.PRESETS}
     names = [n.strip() for n in args.adapters.split(",") if n.strip()]
     entries = []
     for name in names:
@@ -77,14 +77,17 @@ def main() -> int:
                 times[name][key].append(dt * 1e3)
     print(f"# guard cost, card {card}, batch {args.batch_size}, {args.rounds} rounds, {args.threads} thread(s), "
           f"torch {torch.__version__}, {platform.machine()}")
-    print(f"# defaults: probe_every {cfg.probe_every}, checkpoint_every {cfg.checkpoint_every}")
-    print("| adapter | step ms | probe ms | other batch ms | checkpoint ms | overhead per step (defaults) |")
-    print("|---|---|---|---|---|---|")
+    for preset, cfg in presets.items():
+        print(f"# {preset}: probe_every {cfg.probe_every}, checkpoint_every {cfg.checkpoint_every}")
+    print("| adapter | step ms | probe ms | other batch ms | checkpoint ms | "
+          + " | ".join(f"overhead per step ({preset})" for preset in presets) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(presets))
     for name in names:
         m = {k: statistics.median(v) for k, v in times[name].items()}
-        per_step = (m["probe"] + (cfg.probe_every - 1) * m["other"]) / cfg.probe_every + m["checkpoint"] / cfg.checkpoint_every
+        shares = [((m["probe"] + (cfg.probe_every - 1) * m["other"]) / cfg.probe_every
+                   + m["checkpoint"] / cfg.checkpoint_every) / m["step"] for cfg in presets.values()]
         print(f"| {name} | {m['step']:.1f} | {m['probe']:.1f} | {m['other']:.2f} | {m['checkpoint']:.2f} | "
-              f"{100 * per_step / m['step']:.1f}% |")
+              + " | ".join(f"{100 * share:.1f}%" for share in shares) + " |")
     return 0
 
 

@@ -113,6 +113,20 @@ def test_run_options_reach_stream_and_adapter(toy, tmp_path):
     assert json.loads((tmp_path / "meta.json").read_text())["configs"]["tent"]["optimizer"] == "adam"
 
 
+
+def test_guard_option_takes_an_optional_preset(toy, tmp_path):
+    """--guard alone: the card's guard settings over the defaults; --guard strict: that preset over
+    them; --guard-set still wins key by key."""
+    probes = {}
+    for name, extra in (("bare", ["--guard"]), ("strict", ["--guard", "strict"]),
+                        ("strict-w2", ["--guard", "strict", "--guard-set", "probe_every=2"])):
+        out = tmp_path / name
+        assert main(["run", "--adapter", "tent", *extra, "--no-progress", "--out", str(out)]) == 0
+        guard = json.loads((out / "meta.json").read_text())["runs"]["tent"]["guard"]
+        probes[name] = (guard["config"]["probe_every"], guard["config"]["window"], guard["probes"])
+    # 3 domains x 2 batches of 16: probed every 4th batch (0, 4), every batch, every 2nd
+    assert probes == {"bare": (4, 8, 2), "strict": (1, 4, 6), "strict-w2": (2, 4, 3)}
+
 def test_bench_writes_json_csv_png(toy, tmp_path, capsys):
     rc = main(["bench", "--adapters", "source,bn,tent", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
@@ -155,6 +169,7 @@ def test_bench_scoped_and_shared_overrides(toy, tmp_path):
         (["run", "--adapter", "tent", "--set", "learning_rate=1"], "unknown config key 'learning_rate'"),
         (["run", "--adapter", "tent", "--set", "lr=fast"], "lr: expected float"),
         (["run", "--adapter", "bn", "--reset", "sometimes"], "--reset"),
+        (["run", "--adapter", "tent", "--guard", "paranoid"], "unknown guard preset 'paranoid'"),
         (["bench", "--adapters", "bn,nope"], "unknown adapter 'nope'"),
         (["bench", "--adapters", "bn", "--set", "lr=0.1"], "no selected adapter has a config key 'lr'"),
         (["bench", "--adapters", "bn", "--set", "tent.lr=0.1"], "not among the benchmarked adapters"),

@@ -371,6 +371,43 @@ def test_model_card_guard_settings_are_the_defaults_on_that_model():
         declare_guard(tiny_cnn(), [("window", 2)])
 
 
+
+def test_presets_apply_under_the_explicit_settings():
+    """``strict`` is the measured best setting; a preset applies first and explicit keys win, from a
+    card's ``guard`` mapping, from --guard PRESET (over the card) and from --guard-set preset=NAME."""
+    strict = GuardConfig(probe_every=1, window=4, diversity_window=32, drift_diversity_ratio=0.995)
+    assert GuardConfig.from_mapping({"preset": "strict"}) == strict
+    assert GuardConfig.from_mapping({"preset": "default"}) == GuardConfig()
+    assert GuardConfig.from_mapping({"preset": "strict", "window": 6}) == GuardConfig(
+        probe_every=1, window=6, diversity_window=32, drift_diversity_ratio=0.995)
+    assert GuardConfig.parse(["preset=strict", "action=reset"]) == GuardConfig(**{**vars(strict), "action": "reset"})
+    assert GuardConfig.parse(["window=6", "preset=strict"]) == strict  # in order: the preset came last
+    # a card that chose strict, run with the default preset: the default's values, the card's other keys
+    card = {"preset": "strict", "confident": 0.8}
+    assert GuardConfig.parse([], base=card, preset="default") == GuardConfig(confident=0.8)
+    assert GuardConfig.parse([], base={"window": 2}, preset="strict") == strict  # the preset over the card
+    for bad in ({"preset": "paranoid"}, {"preset": 3}):
+        with pytest.raises(ConfigError, match="unknown guard preset .*valid: default, strict"):
+            GuardConfig.from_mapping(bad)
+    with pytest.raises(ConfigError, match="unknown guard preset 'fast'"):
+        GuardConfig.parse(["preset=fast"])
+    with pytest.raises(ConfigError, match="unknown guard setting 'PRESETS'"):
+        GuardConfig.parse(["PRESETS=1"])
+    with pytest.raises(ConfigError, match="unknown guard preset"):
+        declare_guard(tiny_cnn(), {"preset": "paranoid"})
+
+    adapter = tta.adapt(declare_guard(tiny_cnn(), {"preset": "strict"}), "tent")
+    assert default_guard(adapter) == strict == CollapseGuard(adapter).config
+    assert CollapseGuard(adapter, "default").config == GuardConfig()
+    with pytest.raises(ConfigError, match="GuardConfig or a preset name"):
+        CollapseGuard(adapter, {"preset": "strict"})
+    stream = tensor_stream({"a": 160}, batch_size=32)
+    for guard in (True, "strict"):
+        result = run_stream(tta.adapt(tiny_cnn(), "tent"), stream, device="cpu", progress=False, guard=guard)
+        assert result.guard["probes"] == (5 if guard == "strict" else 2)  # every batch, or batches 0 and 4
+    with pytest.raises(ConfigError, match="unknown guard preset 'nope'"):
+        run_stream(tta.adapt(tiny_cnn(), "tent"), stream, device="cpu", progress=False, guard="nope")
+
 def test_periodic_reset_restarts_the_guard_windows():
     stream = tensor_stream({"a": 320}, batch_size=32)
     adapter = tta.adapt(tiny_cnn(), "tent")

@@ -44,9 +44,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--full", action="store_true", help="every image of every domain (the complete protocol)")
     parser.add_argument("--reset", default=None,
                         help="reset policy: never, domain or N (reset every N batches; RDumb: 1000) (default: the spec's)")
-    parser.add_argument("--guard", action="store_true",
+    parser.add_argument("--guard", nargs="?", const="", default=None, metavar="PRESET",
                         help="run under the collapse guard: health signals, rollback/reset (tta.engine.guard), "
-                             "with the model card's guard settings where it has them")
+                             "with the model card's guard settings where it has them; PRESET (over the card's settings): "
+                             "default, or strict (decides at every batch: earlier action on a slow decay, ~4x "
+                             "the guard's cost)")
     parser.add_argument("--guard-set", dest="guard_assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="collapse-guard setting (repeatable; implies --guard), e.g. --guard-set action=reset")
     parser.add_argument("--stream-set", dest="stream_assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -126,12 +128,14 @@ def pinned_cost(items: list[str], adapter: str | None) -> float | None:
 
 def parse_guard(args: argparse.Namespace) -> Any:
     """The `GuardConfig` of --guard / --guard-set (on top of the model card's guard settings), or None."""
-    if not (getattr(args, "guard", False) or getattr(args, "guard_assignments", None)):
+    preset = getattr(args, "guard", None)
+    if preset is None and not getattr(args, "guard_assignments", None):
         return None
     from tta.engine.guard import GuardConfig
     from tta.models import get_card
 
-    return GuardConfig.parse(args.guard_assignments, base=get_card(model_name(args)).guard)
+    return GuardConfig.parse(args.guard_assignments, base=get_card(model_name(args)).guard,
+                             preset=preset or None)
 
 
 def load_spec(args: argparse.Namespace) -> Any:

@@ -71,7 +71,7 @@ import typing
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -121,7 +121,22 @@ class GuardConfig:
         "none" only records events (monitoring).
     reference: "auto" (test-batch statistics when the model has BatchNorm, else the source model),
         "bn" or "source".
+
+    Presets (`PRESETS`; ``preset`` in a card's ``guard`` settings, ``tta run --guard strict``,
+    ``run_stream(guard="strict")``, ``CollapseGuard(adapter, "strict")``): ``default`` gives the fields
+    it names their defaults (over a card that chose another preset); ``strict`` probes every batch and
+    decides on 4 probes, pooling the narrowing test over 32 at a tighter ratio (``probe_every=1
+    window=4 diversity_window=32 drift_diversity_ratio=0.995``). On CCC-medium it first acts on a slow
+    decay at batch 198-248 instead of 276 and holds TENT and DeYO within one point of BN on every
+    10,000-image window, where the default leaves 7-11 windows 1-2.6 points above it; it leaves ROID's
+    corrections alone. It costs about four times the default's overhead per step (one reference forward
+    per batch instead of one per four; BENCHMARKS.md, "The `strict` preset").
     """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "default": {"probe_every": 4, "window": 8, "diversity_window": None, "drift_diversity_ratio": 0.99},
+        "strict": {"probe_every": 1, "window": 4, "diversity_window": 32, "drift_diversity_ratio": 0.995},
+    }
 
     probe_every: int = 4
     window: int = 8
@@ -168,30 +183,52 @@ class GuardConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> "GuardConfig":
-        """The defaults under `settings` (e.g. a model card's ``guard``), every key and value checked."""
-        if not isinstance(settings, Mapping):
-            raise ConfigError(f"guard settings must be a mapping of setting -> value, got {type(settings).__name__}")
-        unknown = sorted(set(settings) - set(cls.field_names()))
-        if unknown:
-            raise ConfigError(f"unknown guard setting(s) {unknown}; valid: {', '.join(cls.field_names())}")
-        return cls(**settings)
+    def preset_values(cls, name: Any) -> dict[str, Any]:
+        """The settings of preset `name` (a key of `PRESETS`)."""
+        if not isinstance(name, str) or name not in cls.PRESETS:
+            raise ConfigError(f"unknown guard preset {name!r}; valid: {', '.join(cls.PRESETS)}")
+        return dict(cls.PRESETS[name])
 
     @classmethod
-    def parse(cls, assignments: list[str], base: Mapping[str, Any] | None = None) -> "GuardConfig":
-        """``key=value`` strings (CLI ``--guard-set``) on top of `base` (a model card's ``guard``
-        settings, `declared_guard`) on top of the defaults."""
+    def _expand(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """`settings` with its ``preset`` (if any) replaced by the preset's values; its other keys win."""
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"guard settings must be a mapping of setting -> value, got {type(settings).__name__}")
+        unknown = sorted(set(settings) - set(cls.field_names()) - {"preset"}, key=str)
+        if unknown:
+            raise ConfigError(f"unknown guard setting(s) {unknown}; valid: preset, {', '.join(cls.field_names())}")
+        values = cls.preset_values(settings["preset"]) if "preset" in settings else {}
+        values.update((k, v) for k, v in settings.items() if k != "preset")
+        return values
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> "GuardConfig":
+        """The defaults under `settings` (e.g. a model card's ``guard``; a ``preset`` key applies that
+        preset first), every key and value checked."""
+        return cls(**cls._expand(settings))
+
+    @classmethod
+    def parse(cls, assignments: list[str], base: Mapping[str, Any] | None = None,
+              preset: str | None = None) -> "GuardConfig":
+        """``key=value`` strings (CLI ``--guard-set``) on top of `preset` (CLI ``--guard NAME``) on top
+        of `base` (a model card's ``guard`` settings, `declared_guard`) on top of the defaults."""
         from tta.adapters.config import _parse_string
 
-        hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = dict(base or {})
+        names = set(cls.field_names())
+        hints = {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+        values = cls._expand(base or {})
+        if preset is not None:
+            values.update(cls.preset_values(preset))
         for item in assignments:
             if "=" not in item:
                 raise ConfigError(f"guard setting: expected key=value, got {item!r}")
             key, raw = (part.strip() for part in item.split("=", 1))
             key = key.replace("-", "_")
+            if key == "preset":
+                values.update(cls.preset_values(raw))
+                continue
             if key not in hints:
-                raise ConfigError(f"unknown guard setting {key!r}; valid: {', '.join(sorted(hints))}")
+                raise ConfigError(f"unknown guard setting {key!r}; valid: preset, {', '.join(sorted(hints))}")
             values[key] = _parse_string(key, hints[key], raw)
         return cls.from_mapping(values)
 
@@ -227,9 +264,10 @@ def declared_guard(module: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def default_guard(adapter: nn.Module) -> GuardConfig:
-    """The guard's defaults for `adapter`: `GuardConfig` defaults under its model card's settings."""
-    return GuardConfig.from_mapping(declared_guard(adapter))
+def default_guard(adapter: nn.Module, preset: str | None = None) -> GuardConfig:
+    """The guard's defaults for `adapter`: `GuardConfig` defaults under its model card's settings, under
+    `preset` (a key of `GuardConfig.PRESETS`) when given."""
+    return GuardConfig.parse([], base=declared_guard(adapter), preset=preset)
 
 
 def reference_model(adapter: nn.Module, kind: str = "auto") -> nn.Module:
@@ -299,7 +337,7 @@ class _Checkpoint:
 class CollapseGuard:
     """Health signals, decision rule and recovery for one adapter (see the module docstring).
 
-        guard = CollapseGuard(adapter, GuardConfig())
+        guard = CollapseGuard(adapter, GuardConfig())      # or "strict", a preset over the card's settings
         for k, x in enumerate(batches):
             outputs = adapter(x)
             event = guard.observe(k, x, outputs)   # None, or the action taken
@@ -307,11 +345,13 @@ class CollapseGuard:
     `run_stream(..., guard=GuardConfig())` does exactly this and reports the events.
     """
 
-    def __init__(self, adapter: nn.Module, config: GuardConfig | None = None, *, record: bool = False) -> None:
+    def __init__(self, adapter: nn.Module, config: GuardConfig | str | None = None, *, record: bool = False) -> None:
         if not callable(getattr(adapter, "reset", None)) or not hasattr(adapter, "state_dict"):
             raise InvalidInputError(f"the collapse guard needs an adapter with reset(), got {type(adapter).__name__}")
         self.adapter = adapter
-        self.config = config or default_guard(adapter)
+        if config is not None and not isinstance(config, (GuardConfig, str)):
+            raise ConfigError(f"guard config must be a GuardConfig or a preset name, got {type(config).__name__}")
+        self.config = config if isinstance(config, GuardConfig) else default_guard(adapter, preset=config)
         self.output_kind = getattr(adapter, "output_kind", "logits")
         self.reference = reference_model(adapter, self.config.reference)
         self.events: list[dict[str, Any]] = []

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tta.engine.guard import CollapseGuard, GuardConfig, count_actions, default_guard
+from tta.engine.guard import CollapseGuard, GuardConfig, count_actions
 from tta.engine.heap import DEFAULT_TRIM_EVERY, HeapTrimmer
 from tta.engine.metrics import BatchTrace, ErrorCounter, RunResult, percentile
 from tta.engine.prefetch import Prefetcher
@@ -82,7 +82,7 @@ def run_stream(
     seed: int | None = None,
     on_nonfinite: Literal["skip", "raise"] = "skip",
     keep_predictions: bool = False,
-    guard: GuardConfig | bool | None = None,
+    guard: GuardConfig | bool | str | None = None,
     realtime: RealtimeConfig | str | float | None = None,
     log: Callable[[str], None] | None = None,
     trim_heap_every: int | None = DEFAULT_TRIM_EVERY,
@@ -104,7 +104,8 @@ def run_stream(
         and goes on, ``"raise"`` re-raises.
     keep_predictions: keep the predicted class of every image (``-1`` for skipped batches).
     guard: run the adapter under a `CollapseGuard` (True = the `GuardConfig` defaults, under the guard
-        settings of the model's card when it has them, `tta.engine.guard.default_guard`): its events
+        settings of the model's card when it has them, `tta.engine.guard.default_guard`; a preset name
+        such as ``"strict"``: that preset over the card's settings, `GuardConfig.PRESETS`): its events
         (rollbacks, resets, with the signals that triggered them) go into ``guard_events``.
     realtime: the real-time protocol of Alfarra et al. (ICML 2024; `tta.engine.realtime`): batches
         arrive at a fixed rate (``"2x-source"``: a batch every 2 source-model forwards; a number:
@@ -133,9 +134,7 @@ def run_stream(
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     adapter.to(dev)
-    if guard is True:
-        guard = default_guard(adapter)
-    watcher = CollapseGuard(adapter, guard).to(dev) if guard else None
+    watcher = CollapseGuard(adapter, None if guard is True else guard).to(dev) if guard else None
     realtime = as_realtime_config(realtime)
     schedule = RealtimeSchedule(realtime) if realtime is not None else None
 
