@@ -55,9 +55,12 @@ def test_card_guard_settings_are_checked_and_kept(tmp_path: Path) -> None:
     card.guard = {"probe_every": 1, "window": 4}
     again = get_card(card.save(tmp_path / "demo.yaml"))
     assert again.guard == {"probe_every": 1, "window": 4} and again == card
+    card.guard = {"preset": "strict", "confident": 0.8}  # a preset, then keys over it, kept as written
+    assert get_card(card.save(tmp_path / "strict.yaml")).guard == {"preset": "strict", "confident": 0.8}
     path = tmp_path / "broken.yaml"
     base = {"name": "x", "arch": "resnet20", "num_classes": 10, "checkpoint": "x.pt"}
-    for guard, message in (({"speed": 3}, r"broken\.yaml: unknown guard setting\(s\) \['speed'\]; valid: probe_every"),
+    for guard, message in (({"speed": 3}, r"broken\.yaml: unknown guard setting\(s\) \['speed'\]; valid: preset, probe_every"),
+                           ({"preset": "paranoid"}, r"broken\.yaml: unknown guard preset 'paranoid'; valid: default, strict"),
                            ({"window": 0}, r"broken\.yaml: guard window must be an integer >= 1"),
                            ([1, 2], r"broken\.yaml.*guard")):
         path.write_text(yaml.safe_dump({**base, "guard": guard}))

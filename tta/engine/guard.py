@@ -128,9 +128,9 @@ class GuardConfig:
     decides on 4 probes, pooling the narrowing test over 32 at a tighter ratio (``probe_every=1
     window=4 diversity_window=32 drift_diversity_ratio=0.995``). On CCC-medium it first acts on a slow
     decay at batch 198-248 instead of 276 and holds TENT and DeYO within one point of BN on every
-    10,000-image window, where the default leaves 7-11 windows 1-2.6 points above it; it leaves ROID's
-    corrections alone. It costs about four times the default's overhead per step (one reference forward
-    per batch instead of one per four; BENCHMARKS.md, "The `strict` preset").
+    10,000-image window, where the default leaves 7-11 windows 1-2.6 points above it; it leaves
+    ROID's and RMT's corrections alone. It costs about four times the default's overhead per step
+    (one reference forward per batch instead of one per four; BENCHMARKS.md, "The `strict` preset").
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
