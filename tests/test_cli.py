@@ -113,7 +113,6 @@ def test_run_options_reach_stream_and_adapter(toy, tmp_path):
     assert json.loads((tmp_path / "meta.json").read_text())["configs"]["tent"]["optimizer"] == "adam"
 
 
-
 def test_guard_option_takes_an_optional_preset(toy, tmp_path):
     """--guard alone: the card's guard settings over the defaults; --guard strict: that preset over
     them; --guard-set still wins key by key."""
@@ -126,6 +125,7 @@ def test_guard_option_takes_an_optional_preset(toy, tmp_path):
         probes[name] = (guard["config"]["probe_every"], guard["config"]["window"], guard["probes"])
     # 3 domains x 2 batches of 16: probed every 4th batch (0, 4), every batch, every 2nd
     assert probes == {"bare": (4, 8, 2), "strict": (1, 4, 6), "strict-w2": (2, 4, 3)}
+
 
 def test_bench_writes_json_csv_png(toy, tmp_path, capsys):
     rc = main(["bench", "--adapters", "source,bn,tent", "--out", str(tmp_path), "--no-progress"])

@@ -371,7 +371,6 @@ def test_model_card_guard_settings_are_the_defaults_on_that_model():
         declare_guard(tiny_cnn(), [("window", 2)])
 
 
-
 def test_presets_apply_under_the_explicit_settings():
     """``strict`` is the measured best setting; a preset applies first and explicit keys win, from a
     card's ``guard`` mapping, from --guard PRESET (over the card) and from --guard-set preset=NAME."""
@@ -407,6 +406,7 @@ def test_presets_apply_under_the_explicit_settings():
         assert result.guard["probes"] == (5 if guard == "strict" else 2)  # every batch, or batches 0 and 4
     with pytest.raises(ConfigError, match="unknown guard preset 'nope'"):
         run_stream(tta.adapt(tiny_cnn(), "tent"), stream, device="cpu", progress=False, guard="nope")
+
 
 def test_periodic_reset_restarts_the_guard_windows():
     stream = tensor_stream({"a": 320}, batch_size=32)

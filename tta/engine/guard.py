@@ -133,11 +133,6 @@ class GuardConfig:
     (one reference forward per batch instead of one per four; BENCHMARKS.md, "The `strict` preset").
     """
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "default": {"probe_every": 4, "window": 8, "diversity_window": None, "drift_diversity_ratio": 0.99},
-        "strict": {"probe_every": 1, "window": 4, "diversity_window": 32, "drift_diversity_ratio": 0.995},
-    }
-
     probe_every: int = 4
     window: int = 8
     confident: float = 0.9
@@ -152,6 +147,13 @@ class GuardConfig:
     max_futile_resets: int = 3
     action: Literal["rollback", "reset", "none"] = "rollback"
     reference: Literal["auto", "bn", "source"] = "auto"
+
+    #: ``default`` names the fields' own defaults (read from the fields above), so it undoes a card's preset
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "default": {"probe_every": probe_every, "window": window, "diversity_window": diversity_window,
+                    "drift_diversity_ratio": drift_diversity_ratio},
+        "strict": {"probe_every": 1, "window": 4, "diversity_window": 32, "drift_diversity_ratio": 0.995},
+    }
 
     def __post_init__(self) -> None:
         for key in ("probe_every", "window", "checkpoint_every", "keep"):
@@ -230,7 +232,7 @@ class GuardConfig:
             if key not in hints:
                 raise ConfigError(f"unknown guard setting {key!r}; valid: preset, {', '.join(sorted(hints))}")
             values[key] = _parse_string(key, hints[key], raw)
-        return cls.from_mapping(values)
+        return cls(**values)  # every key checked above
 
 
 #: the guard's actions that change the adapter (``stand_down`` and ``none`` only record an event)
