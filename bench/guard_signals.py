@@ -155,6 +155,9 @@ def replay(path: str, settings: str) -> dict:
     act on the recorded run: its drift and collapse decisions, pooled as `CollapseGuard` pools them
     (the contradictions and the collapse signals over the last `window` probes, the narrowing over the
     last `diversity_window`), up to the first one (after an action the run is no longer the record's).
+    When the first batch (the starting state) contradicts the reference, a drift decision before the
+    first healthy one only stands the guard down (`max_futile_resets` > 0): the run goes on as
+    recorded, and so does the replay.
     The entropy-floor collapse test is left out (it needs every batch's entropy, not the probes')."""
     from tta.engine.guard import GuardConfig
 
@@ -169,6 +172,8 @@ def replay(path: str, settings: str) -> dict:
         ref = _diversity(ref_hist[batches].sum(0))
         return _diversity(hist[batches].sum(0)) / ref if ref > 0 else 1.0
 
+    first = a[0]  # the adapter's starting state, as the guard's first probe judges it
+    healthy_seen = first[COL[f"contradicted@{CONFIDENT}"]] <= cfg.max_disagreement * first[COL[f"reliable@{CONFIDENT}"]]
     for i in range(cfg.window - 1, len(probes)):
         decisions = i + 2 - cfg.window
         short = probes[i + 1 - cfg.window : i + 1]
@@ -177,8 +182,11 @@ def replay(path: str, settings: str) -> dict:
         disagreement = a[short, COL[f"contradicted@{CONFIDENT}"]].sum() / reliable if reliable else 0.0
         ratio, narrowing = diversity_ratio(short), diversity_ratio(long)
         collapse = ratio < cfg.min_diversity_ratio
-        drift = disagreement > cfg.max_disagreement and (
-            cfg.drift_diversity_ratio is None or narrowing < cfg.drift_diversity_ratio)
+        contradicting = disagreement > cfg.max_disagreement
+        drift = contradicting and (cfg.drift_diversity_ratio is None or narrowing < cfg.drift_diversity_ratio)
+        healthy_seen = healthy_seen or not (collapse or contradicting)
+        if drift and not collapse and not healthy_seen and cfg.max_futile_resets > 0:
+            continue  # a stand-down: the adapter is left as it is
         if collapse or drift:
             k = int(probes[i])
             before = a[max(0, k - 24) : k + 1].sum(0)

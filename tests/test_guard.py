@@ -114,8 +114,8 @@ def test_drift_triggers_rollback_then_reset_when_it_returns():
 
 
 def test_futile_resets_stand_the_guard_down_until_a_healthy_decision():
-    """An adapter whose source state already contradicts the reference (RoTTA's robust BN against the
-    test-batch-statistics reference) draws a drift reset at every decision; resets cannot fix that. After
+    """An adapter whose disagreement with the reference is not its adaptation's doing draws a drift reset
+    at every decision; resets cannot fix that. After
     `max_futile_resets` drift resets with no healthy decision between them the guard stands down (the
     adapter is left alone and gets back the learning rate those resets took), and a healthy decision
     re-arms it."""
@@ -133,25 +133,62 @@ def test_futile_resets_stand_the_guard_down_until_a_healthy_decision():
         # contradicting outputs: every prediction moved to the next class (class diversity unchanged)
         return guard.observe(k, data[k], reference if healthy else reference.roll(1, dims=1))
 
-    actions = [(k, e["action"]) for k in range(10) if (e := feed(k, healthy=False))]
-    assert actions == [(1, "reset"), (3, "reset"), (5, "stand_down")]  # then nothing at batches 6-9
+    assert [feed(k, healthy=True) for k in range(2)] == [None, None]  # healthy once: resets can help
+    actions = [(k, e["action"]) for k in range(2, 12) if (e := feed(k, healthy=False))]
+    # the rollback does not hold; two futile resets, then it stands down (nothing at batches 9-11)
+    assert actions == [(2, "rollback"), (4, "reset"), (6, "reset"), (8, "stand_down")]
     # the two futile resets halved the learning rate twice; standing down gives that back
-    assert guard.events[1]["lr_scale"] == 0.25 and guard.events[2]["lr_scale"] == 1.0
+    assert guard.events[2]["lr_scale"] == 0.25 and guard.events[3]["lr_scale"] == 1.0
     assert guard.stand_downs == 1 and guard.lr_scale == 1.0
     assert [g["lr"] for g in adapter.optimizer.param_groups] == [lr0]
     assert guard.events[-1]["reason"] == "drift" and guard.summary()["stand_downs"] == 1
     state = model_tensors(adapter)
-    assert [feed(k, healthy=False) for k in range(10, 14)] == [None] * 4
+    assert [feed(k, healthy=False) for k in range(12, 16)] == [None] * 4
     assert_same_tensors(model_tensors(adapter), state)  # standing down: the adapter is left as it is
-    # standing down covers drift only: a collapse is reset (batch 14's window still holds batch 13)
-    assert feed(14, healthy=False, collapsed=True) is None
-    event = feed(15, healthy=False, collapsed=True)
+    # standing down covers drift only: a collapse is reset (batch 16's window still holds batch 15)
+    assert feed(16, healthy=False, collapsed=True) is None
+    event = feed(17, healthy=False, collapsed=True)
     assert event["action"] == "reset" and event["reason"] == "collapse" and event["lr_scale"] == 0.5
     # a healthy decision re-arms the guard and takes a checkpoint; the next drift is acted on again
-    assert [feed(k, healthy=True) for k in range(16, 18)] == [None, None]
-    assert guard.checkpoints_taken == 1
-    event = feed(18, healthy=False)
-    assert event is not None and event["action"] == "rollback" and event["to_batch"] == 17
+    assert [feed(k, healthy=True) for k in range(18, 20)] == [None, None]
+    assert guard.checkpoints_taken == 2  # batches 1 and 19
+    event = feed(20, healthy=False)
+    assert event is not None and event["action"] == "rollback" and event["to_batch"] == 19
+
+
+def test_a_starting_state_that_contradicts_the_reference_stands_the_guard_down():
+    """An adapter that contradicts the reference from its first batch, before any adaptation (RoTTA's
+    robust BN and VDP against the BN reference), starts in a state the guard has never seen healthy, so
+    a reset to it cannot help: the first drift decision stands the guard down without touching the
+    adapter, and a healthy decision arms it. An adapter that starts at the reference and decays before
+    the first decision is reset as before; `max_futile_resets=0` always resets."""
+    data = batches(12, seed=5)
+
+    def run(healthy: set[int], max_futile_resets: int = 3):
+        adapter = tta.adapt(tiny_cnn(), "tent")
+        adapter(data[0])  # one step away from the source: a reset would show
+        guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=2, checkpoint_every=1, confident=0.0,
+                                                   max_futile_resets=max_futile_resets, drift_diversity_ratio=None))
+        start = model_tensors(adapter)
+        events = []
+        for k, x in enumerate(data):
+            reference = guard.reference(x)
+            if (e := guard.observe(k, x, reference if k in healthy else reference.roll(1, dims=1))) is not None:
+                events.append((k, e["action"], e["reason"]))
+            if k == 5:
+                now = model_tensors(adapter)
+                unchanged = all(torch.equal(now[name], tensor) for name, tensor in start.items())
+        return guard, events, unchanged
+
+    guard, events, unchanged = run(healthy={6, 7})
+    # stood down at the first decision and left alone; the healthy decision at batch 7 armed the guard
+    assert events == [(1, "stand_down", "drift"), (8, "rollback", "drift"), (10, "reset", "drift")]
+    assert unchanged and guard.events[0]["lr_scale"] is None
+    assert guard.lr_scale == 0.5  # only the reset after the rollback backed the learning rate off
+    # starting at the reference (batch 0 agrees): the drift at the first decision is reset
+    assert run(healthy={0})[1][0] == (1, "reset", "drift")
+    _, events, unchanged = run(healthy={6, 7}, max_futile_resets=0)
+    assert events[:2] == [(1, "reset", "drift"), (3, "reset", "drift")] and not unchanged
 
 
 def test_stand_down_can_be_switched_off():
@@ -179,7 +216,8 @@ def test_drift_diversity_ratio_acts_only_on_contradictions_that_narrow_the_predi
     histogram is narrower than the reference's: an adapter correcting the reference keeps it as wide
     (here every prediction moved to another class: the histogram is permuted, its diversity unchanged),
     one confirming its own mistakes narrows it (here pairs of classes merged: five classes left)."""
-    cfg = GuardConfig(probe_every=1, window=2, drift_diversity_ratio=0.99)
+    # max_futile_resets=0: the first decision may act (no stand-down before a healthy decision)
+    cfg = GuardConfig(probe_every=1, window=2, drift_diversity_ratio=0.99, max_futile_resets=0)
     data = batches(8, seed=4)
 
     def guarded(config: GuardConfig) -> CollapseGuard:
@@ -225,21 +263,24 @@ def test_contradictions_excused_by_the_diversity_ratio_are_not_healthy_decisions
                           GuardConfig(probe_every=1, window=1, checkpoint_every=1, drift_diversity_ratio=0.99,
                                       max_futile_resets=2), record=True)
     guard.reference = _SpreadReference()
-    data = batches(8, seed=4)
-    excused = {1, 4, 6}  # contradicting without narrowing (permuted); the other batches narrow (merged)
+    data = batches(9, seed=4)
+    excused = {2, 5, 7}  # contradicting without narrowing (permuted); batches 1-8 else narrow (merged)
 
     def outputs(k: int) -> torch.Tensor:
         ref = guard.reference(data[k])
+        if k == 0:  # healthy: arms the guard and takes a checkpoint
+            return ref
         if k in excused:
             return ref.roll(1, dims=1)
         return ref.view(-1, 5, 2).sum(2).repeat_interleave(2, 1) * torch.tensor([1.0, 0.0] * 5)
 
-    actions = [(k, e["action"]) for k in range(8) if (e := guard.observe(k, data[k], outputs(k)))]
-    # batch 1 does not clear the count of futile resets, batches 4 and 6 do not re-arm the stood-down guard
-    assert actions == [(0, "reset"), (2, "reset"), (3, "stand_down")]
-    assert guard.checkpoints_taken == 0 and guard.stand_downs == 1
-    assert all(h["disagreement"] > 0.3 for h in guard.history)
-    assert [h["diversity_ratio"] >= 0.99 for h in guard.history] == [k in excused for k in range(8)]
+    actions = [(k, e["action"]) for k in range(9) if (e := guard.observe(k, data[k], outputs(k)))]
+    # batch 2 takes no checkpoint (the drift at 3 resets: the rollback did not hold), batch 5 does not
+    # clear the count of futile resets, batch 7 does not re-arm the stood-down guard
+    assert actions == [(1, "rollback"), (3, "reset"), (4, "reset"), (6, "stand_down")]
+    assert guard.checkpoints_taken == 1 and guard.stand_downs == 1
+    assert all(h["disagreement"] > 0.3 for h in guard.history[1:])
+    assert [h["diversity_ratio"] >= 0.99 for h in guard.history] == [k in excused or k == 0 for k in range(9)]
 
 
 def test_diversity_window_pools_the_narrowing_over_a_longer_span():
@@ -264,8 +305,9 @@ def test_diversity_window_pools_the_narrowing_over_a_longer_span():
             events.append(guard.observe(k, x, out))
         return [(k, e["action"], e["reason"]) for k, e in enumerate(events) if e], guard
 
-    short = GuardConfig(probe_every=1, window=1, checkpoint_every=1)
-    pooled = GuardConfig(probe_every=1, window=1, checkpoint_every=1, diversity_window=8)
+    # max_futile_resets=0: the outputs contradict the reference from batch 0, which would stand it down
+    short = GuardConfig(probe_every=1, window=1, checkpoint_every=1, max_futile_resets=0)
+    pooled = GuardConfig(probe_every=1, window=1, checkpoint_every=1, diversity_window=8, max_futile_resets=0)
     assert run(short, {7})[0] == [(7, "reset", "drift")]  # one narrow batch decides alone
     acted, guard = run(pooled, {7})
     narrow = next(h for h in guard.history if h["batch"] == 7)
@@ -467,9 +509,11 @@ def test_tent_at_100x_learning_rate_is_caught_and_recovered(fmnist_noise):
 @pytest.mark.parametrize("settings", ["probe_every=1,window=2", "probe_every=2,window=3",
                                       "probe_every=1,window=2,diversity_window=6",
                                       "probe_every=1,window=2,drift_diversity_ratio=none"])
-def test_guard_signals_replay_finds_the_guards_first_action(tmp_path, settings):
+@pytest.mark.parametrize("start", ["agrees", "contradicts"])
+def test_guard_signals_replay_finds_the_guards_first_action(tmp_path, settings, start):
     """`bench/guard_signals.py --rule` replays a decision rule on a recorded run: its first action (batch,
-    reason) is the one a `CollapseGuard` with those settings takes on the same predictions."""
+    reason) is the one a `CollapseGuard` with those settings takes on the same predictions (a stand-down
+    changes nothing, so the replay goes on past it, as the guarded run does)."""
     gs = bench_script("guard_signals")
     data = batches(12, seed=4)
     reference = _SpreadReference()
@@ -480,7 +524,7 @@ def test_guard_signals_replay_finds_the_guards_first_action(tmp_path, settings):
             return torch.nn.functional.one_hot(torch.zeros(len(ref), dtype=torch.long), 10).float() * 9
         if k in narrow:
             return ref.view(-1, 5, 2).sum(2).repeat_interleave(2, 1) * torch.tensor([1.0, 0.0] * 5)
-        return ref.roll(1, dims=1) if k >= 3 else ref
+        return ref.roll(1, dims=1) if k >= 3 or (k == 0 and start == "contradicts") else ref
 
     rows = []
     for k, x in enumerate(data):
@@ -502,7 +546,11 @@ def test_guard_signals_replay_finds_the_guards_first_action(tmp_path, settings):
     guard = CollapseGuard(tta.adapt(tiny_cnn(), "tent"),
                           GuardConfig.parse(settings.split(",")))
     guard.reference = reference
-    first = next((k, e["reason"]) for k, x in enumerate(data)
-                 if (e := guard.observe(k, x, outputs(k, reference(x)))) is not None)
-    assert (replayed["batch"], replayed["reason"]) == first
-    assert replayed["disagreement"] == pytest.approx(guard.events[0]["signals"]["disagreement"], abs=1e-4)
+    first = next(((k, e) for k, x in enumerate(data)
+                  if (e := guard.observe(k, x, outputs(k, reference(x)))) is not None and e["action"] != "stand_down"),
+                 None)
+    if first is None:  # stood down from the start and never armed (probe_every=2: no healthy decision)
+        assert replayed["batch"] is None and guard.stand_downs == 1 and start == "contradicts"
+        return
+    assert (replayed["batch"], replayed["reason"]) == (first[0], first[1]["reason"])
+    assert replayed["disagreement"] == pytest.approx(first[1]["signals"]["disagreement"], abs=1e-4)

@@ -52,6 +52,14 @@ Decision rule (at each probe, once `window` probes have been seen since the last
   RoTTA's robust BatchNorm, whose slowly moving statistics trail the test-batch statistics of the
   "bn" reference after every abrupt domain change, drew a reset at each of its first nine decisions on
   `fmnist-c-recurring`; further resets only throw adaptation away and shrink the learning rate.
+  For the same reason, when the adapter's starting state already contradicts the reference (on the
+  first probed batch, before any adaptation: more than `max_disagreement` of its reliable
+  predictions), a drift decision before the first healthy one stands the guard down at once: a reset
+  returns the adapter to that state, which the guard has never seen agree with the reference. RoTTA
+  and VDP on the CNN card contradict the BN reference from their first batch (their robust or source
+  BatchNorm statistics against the test-batch ones); an adapter that starts at the reference (TENT,
+  ETA, ...) and decays before the first decision is reset as before. `max_futile_resets=0` turns
+  both off.
   Collapse is always acted on.
 Healthy checkpoints: every `checkpoint_every` batches while the pooled signals are clearly healthy
 (disagreement at most half its bound), an in-memory copy of the adapter's adapted tensors and extra state (optimizer, RNG; frozen weights are
@@ -116,7 +124,10 @@ class GuardConfig:
         since the last action, so right after one it is the decision window's.
     max_futile_resets: drift resets in a row (no healthy decision or collapse between them) after which
         a further drift decision stands the guard down instead of resetting again, and restores the
-        learning rates those resets backed off, until a decision is healthy (0 = never stand down).
+        learning rates those resets backed off, until a decision is healthy. When the first probed
+        batch (the adapter's starting state) contradicts the reference, a drift decision before the
+        first healthy one stands the guard down too (a reset would return to that state). 0 = never
+        stand down.
     action: what a drift triggers: "rollback" (to a healthy checkpoint) or "reset" (to source);
         "none" only records events (monitoring).
     reference: "auto" (test-batch statistics when the model has BatchNorm, else the source model),
@@ -364,6 +375,8 @@ class CollapseGuard:
         self._lrs_before_futile: list[float] | None = None  # learning rates before the first of them
         self._lr_scale_before_futile = 1.0
         self._stood_down = False
+        #: the first probed batch (the starting state) or a decision was healthy: a reset to source can help
+        self._healthy_seen = False
         self._frozen = frozen_names(adapter)
         self._checkpoints: deque[_Checkpoint] = deque(maxlen=self.config.keep)
         self._since_action = 0
@@ -413,6 +426,9 @@ class CollapseGuard:
             "ref_entropy": float(_normalised_entropy(ref).mean()),
         })
         self.probes += 1
+        if self.probes == 1:  # the adapter's starting (source) state: does it agree with the reference?
+            first = self._window[-1]
+            self._healthy_seen = first["contradicted"] <= cfg.max_disagreement * first["reliable"]
         self._since_action += 1
         if self._since_action < cfg.window:
             return None
@@ -428,6 +444,7 @@ class CollapseGuard:
         if not (collapse or drift):
             self._futile_resets = 0
             self._stood_down = False
+            self._healthy_seen = True
             clearly_healthy = signals["disagreement"] <= cfg.max_disagreement / 2
             due = not self._checkpoints or batch - self._checkpoints[-1].batch >= cfg.checkpoint_every
             if clearly_healthy and due:
@@ -473,12 +490,13 @@ class CollapseGuard:
             older = [ck for ck in self._checkpoints if ck.batch <= batch - span]
             target = older[-1] if older else self._checkpoints[0]
         stand_down = (action == "reset" and reason == "drift" and cfg.max_futile_resets > 0
-                      and self._futile_resets >= cfg.max_futile_resets)
+                      and (self._futile_resets >= cfg.max_futile_resets or not self._healthy_seen))
         optimizer = getattr(self.adapter, "optimizer", None)
         lr_scale = None
         if stand_down:
-            # the resets did not help: the disagreement is not the adaptation's doing, and neither was
-            # the learning rate too high; give back what their backoff took
+            # the resets did not help, or the adapter was never healthy (its source state contradicts the
+            # reference too): the disagreement is not the adaptation's doing, and neither was the
+            # learning rate too high; give back what the futile resets' backoff took
             action = "stand_down"
             self._stood_down = True
             if optimizer is not None and self._lrs_before_futile is not None:
