@@ -57,6 +57,22 @@ def test_reference_is_the_stateless_source_model():
         reference_model(torch.nn.Linear(2, 2))
 
 
+def test_rotta_reference_normalises_with_test_batch_statistics():
+    """RoTTA puts its robust BN in place of every BatchNorm; the guard's reference turns those back into
+    BatchNorm with the test batch's statistics (BN), as for every other adapter, and not into the source
+    model with its training statistics, which RoTTA contradicts simply by adapting."""
+    model = tiny_cnn()
+    rotta = tta.adapt(copy.deepcopy(model), "rotta")
+    for x in batches(3):
+        rotta(x)  # its robust statistics and weights move; the reference must not
+    ref = reference_model(rotta)
+    bn = tta.adapt(copy.deepcopy(model), "bn")
+    x = batches(1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), bn(x))
+        torch.testing.assert_close(reference_model(rotta, "source")(x), model.eval()(x))
+
+
 def test_healthy_adapter_is_left_alone_and_checkpointed():
     adapter = tta.adapt(tiny_cnn(), "bn")
     guard = CollapseGuard(adapter, GuardConfig(probe_every=1, window=3, checkpoint_every=2), record=True)

@@ -67,6 +67,7 @@ from tta.adapters.entropy import NORM_TYPES
 from tta.adapters.registry import register_adapter
 from tta.adapters.teacher import TeacherConfig, TeacherStudentAdapter, soft_cross_entropy_per_sample
 from tta.errors import ConfigError, InvalidInputError, NoAdaptableLayerError, StateMismatchError
+from tta.layers import CalibratedBatchNorm
 
 
 @dataclass
@@ -131,6 +132,21 @@ class RobustBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+    def as_batchnorm(self) -> CalibratedBatchNorm:
+        """This layer as a plain BatchNorm (`CalibratedBatchNorm`: its affine parameters, its global
+        statistics as the running ones, the same post-normalisation ops): what the collapse guard's
+        stateless reference is built from (`tta.engine.guard.reference_model`)."""
+        post = None if isinstance(self.post, nn.Identity) else self.post
+        layer = CalibratedBatchNorm(self.num_features, self.eps, self.weight is not None, 1.0, post)
+        layer.to(self.running_mean.device)
+        with torch.no_grad():
+            if self.weight is not None:
+                layer.weight.copy_(self.weight)
+                layer.bias.copy_(self.bias)
+            layer.running_mean.copy_(self.running_mean)
+            layer.running_var.copy_(self.running_var)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [1, -1] + [1] * (x.dim() - 2)

@@ -288,6 +288,8 @@ def reference_model(adapter: nn.Module, kind: str = "auto") -> nn.Module:
 
     ``"bn"``: every BatchNorm normalises with the test batch's statistics (stateless: it cannot drift);
     ``"source"``: the source model as trained; ``"auto"``: "bn" when the model has BatchNorm layers.
+    A layer that an adapter put in place of a BatchNorm and that offers ``as_batchnorm()`` (RoTTA's
+    robust BN) counts as one: it is turned back into a BatchNorm first.
     """
     model = getattr(adapter, "model", None)
     source_state = getattr(adapter, "_source_state", None)
@@ -296,6 +298,12 @@ def reference_model(adapter: nn.Module, kind: str = "auto") -> nn.Module:
     memo: dict[int, Any] = {id(t): t for t in adapter.frozen_tensors()}
     ref = copy.deepcopy(model, memo)
     ref.load_state_dict(source_state, strict=False)
+    # layers an adapter put in place of BatchNorm (RoTTA's robust BN) turn back into BatchNorm, so that
+    # the reference normalises with the test batch's statistics as for every other adapter
+    for parent in list(ref.modules()):
+        for name, child in list(parent.named_children()):
+            if callable(getattr(child, "as_batchnorm", None)):
+                setattr(parent, name, child.as_batchnorm())
     if kind == "auto":
         kind = "bn" if has_batchnorm(ref) else "source"
     if has_batchnorm(ref):
